@@ -1,0 +1,3 @@
+from conceptguard.cli import main
+
+raise SystemExit(main())
