@@ -1,0 +1,13 @@
+"""Immunize weights so re-learning a concept by fine-tuning fails: IMMA, MIMA."""
+
+from __future__ import annotations
+
+from conceptguard.commands.common import add_model_arguments, not_yet_available
+
+
+def add_arguments(parser) -> None:
+    add_model_arguments(parser)
+
+
+def run(args) -> int:
+    return not_yet_available("immunize", 8)

@@ -1,0 +1,13 @@
+"""Build one self-contained HTML report from evaluation and attack runs."""
+
+from __future__ import annotations
+
+from conceptguard.commands.common import add_model_arguments, not_yet_available
+
+
+def add_arguments(parser) -> None:
+    add_model_arguments(parser)
+
+
+def run(args) -> int:
+    return not_yet_available("report", 4)

@@ -1,0 +1,384 @@
+"""Re-create the embedded world's models from a seed: ``conceptguard world build``.
+
+Stages, each written to its own sub-folder of the build folder and skipped when already done, so
+an interrupted build resumes (the UNet stage also checkpoints inside itself):
+
+1. tokenizer  — CLIP BPE vocabulary over the caption grammar;
+2. vae        — AutoencoderKL, L1 + small KL, on pretraining images;
+3. clip       — text encoder + vision tower, contrastive (the world's CLIP-score model);
+4. detector   — multi-head CNN on rendered images of every split, half of them passed through the
+                VAE so it also reads generated-looking images;
+5. unet       — noise prediction on VAE latents with 10% caption dropout (for classifier-free
+                guidance), EMA weights kept;
+6. assemble   — a standard StableDiffusionPipeline folder + manifest of sha256 hashes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from conceptguard.world import concepts
+from conceptguard.world.dataset import generate, images_to_tensor
+from conceptguard.world.models import (
+    MAX_TOKENS,
+    SCHEDULER_CONFIG,
+    UNET_CONFIG,
+    VAE_CONFIG,
+    Detector,
+    clip_config,
+)
+
+
+@dataclass
+class BuildConfig:
+    seed: int = 0
+    device: str = "cpu"
+    vae_steps: int = 1500
+    vae_batch: int = 32
+    clip_steps: int = 1500
+    clip_batch: int = 128
+    detector_steps: int = 2000
+    detector_batch: int = 64
+    unet_samples: int = 40000
+    unet_steps: int = 16000
+    unet_batch: int = 64
+    unet_lr: float = 3e-4
+    ema_decay: float = 0.999
+    caption_dropout: float = 0.1
+    checkpoint_every: int = 1000
+
+
+def _log(message: str) -> None:
+    print(f"[world build {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def _done(stage_dir: Path) -> bool:
+    return (stage_dir / "DONE").is_file()
+
+
+def _finish(tmp_dir: Path, stage_dir: Path) -> None:
+    (tmp_dir / "DONE").write_text("ok\n")
+    if stage_dir.exists():
+        shutil.rmtree(stage_dir)
+    os.replace(tmp_dir, stage_dir)
+
+
+def _stage_tmp(stage_dir: Path) -> Path:
+    tmp = stage_dir.with_name(stage_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _cosine_lr(step: int, total: int, base: float, warmup: int = 200, floor: float = 0.1) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _set_lr(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+class _SampleStream:
+    """An endless, seeded stream of rendered batches from one split."""
+
+    def __init__(self, seed: int, split: str, batch: int):
+        self.seed, self.split, self.batch, self.cursor = seed, split, batch, 0
+
+    def next(self):
+        samples = generate(self.batch, seed=self.seed, split=self.split, start=self.cursor)
+        self.cursor += self.batch
+        return samples
+
+
+def build_tokenizer(out: Path):
+    from transformers import CLIPTokenizer
+
+    from conceptguard.world.tokenizer import build_clip_tokenizer
+
+    stage = out / "tokenizer"
+    if not _done(stage):
+        tmp = _stage_tmp(stage)
+        build_clip_tokenizer(concepts.vocabulary(), tmp, model_max_length=MAX_TOKENS)
+        _finish(tmp, stage)
+    return CLIPTokenizer.from_pretrained(stage)
+
+
+def train_vae(out: Path, cfg: BuildConfig):
+    from diffusers import AutoencoderKL
+
+    stage = out / "vae"
+    if _done(stage):
+        return AutoencoderKL.from_pretrained(stage).to(cfg.device)
+    torch.manual_seed(cfg.seed)
+    vae = AutoencoderKL(**VAE_CONFIG).to(cfg.device)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    stream = _SampleStream(cfg.seed + 11, "all", cfg.vae_batch)
+    bar = tqdm(range(cfg.vae_steps), desc="vae", mininterval=5)
+    for step in bar:
+        _set_lr(optimizer, _cosine_lr(step, cfg.vae_steps, 1e-3))
+        images = images_to_tensor([s.image for s in stream.next()]).to(cfg.device)
+        posterior = vae.encode(images).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        loss = F.l1_loss(recon, images) + 0.5 * F.mse_loss(recon, images) + 1e-6 * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    # Latents are scaled to unit variance, as SD's scaling_factor does.
+    with torch.no_grad():
+        images = images_to_tensor([s.image for s in generate(512, seed=cfg.seed + 12, split="pretrain")])
+        std = vae.encode(images.to(cfg.device)).latent_dist.mean.std().item()
+    vae.register_to_config(scaling_factor=1.0 / std)
+    tmp = _stage_tmp(stage)
+    vae.save_pretrained(tmp, safe_serialization=True)
+    _finish(tmp, stage)
+    _log(f"vae done: final loss {loss.item():.4f}, scaling_factor {1 / std:.4f}")
+    return vae
+
+
+def _tokenize(tokenizer, captions, device):
+    return tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True,
+                     return_tensors="pt").input_ids.to(device)
+
+
+def train_clip(out: Path, cfg: BuildConfig, tokenizer):
+    from transformers import CLIPModel
+
+    stage = out / "clip"
+    if _done(stage):
+        return CLIPModel.from_pretrained(stage).to(cfg.device)
+    torch.manual_seed(cfg.seed + 1)
+    model = CLIPModel(clip_config(len(tokenizer))).to(cfg.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.01)
+    stream = _SampleStream(cfg.seed + 21, "pretrain", cfg.clip_batch)
+    bar = tqdm(range(cfg.clip_steps), desc="clip", mininterval=5)
+    for step in bar:
+        _set_lr(optimizer, _cosine_lr(step, cfg.clip_steps, 5e-4))
+        samples = stream.next()
+        loss = model(input_ids=_tokenize(tokenizer, [s.caption for s in samples], cfg.device),
+                     pixel_values=images_to_tensor([s.image for s in samples]).to(cfg.device),
+                     return_loss=True).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    tmp = _stage_tmp(stage)
+    model.save_pretrained(tmp, safe_serialization=True)
+    _finish(tmp, stage)
+    _log(f"clip done: final loss {loss.item():.3f}")
+    return model
+
+
+def _augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Blur, noise and colour drift: the artefacts a small generator leaves."""
+    n = images.shape[0]
+    blur = F.avg_pool2d(F.pad(images, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    mix = torch.rand(n, 1, 1, 1, generator=generator) * 0.7
+    images = images * (1 - mix) + blur * mix
+    images = images + torch.randn(images.shape, generator=generator) * torch.rand(n, 1, 1, 1, generator=generator) * 0.08
+    images = images * (1 + (torch.rand(n, 3, 1, 1, generator=generator) - 0.5) * 0.1)
+    return images.clamp(-1, 1)
+
+
+def _label_targets(samples, device) -> dict[str, torch.Tensor]:
+    return {head: torch.tensor([labels.index(s.labels[head]) for s in samples], device=device)
+            for head, labels in concepts.HEADS.items()}
+
+
+def train_detector(out: Path, cfg: BuildConfig, vae):
+    from safetensors.torch import load_file, save_file
+
+    stage = out / "detector"
+    detector = Detector().to(cfg.device)
+    if _done(stage):
+        detector.load_state_dict(load_file(stage / "model.safetensors"))
+        return detector
+    torch.manual_seed(cfg.seed + 2)
+    generator = torch.Generator().manual_seed(cfg.seed + 3)
+    optimizer = torch.optim.AdamW(detector.parameters(), lr=2e-3, weight_decay=1e-4)
+    stream = _SampleStream(cfg.seed + 31, "all", cfg.detector_batch)
+    bar = tqdm(range(cfg.detector_steps), desc="detector", mininterval=5)
+    for step in bar:
+        _set_lr(optimizer, _cosine_lr(step, cfg.detector_steps, 2e-3))
+        samples = stream.next()
+        images = images_to_tensor([s.image for s in samples])
+        half = images.shape[0] // 2
+        with torch.no_grad():  # generated images pass through the VAE decoder: teach the detector its look
+            images[:half] = vae.decode(vae.encode(images[:half].to(cfg.device)).latent_dist.sample()).sample.clamp(-1, 1).cpu()
+        images = _augment(images, generator).to(cfg.device)
+        logits = detector(images)
+        targets = _label_targets(samples, cfg.device)
+        loss = sum(F.cross_entropy(logits[h], targets[h]) for h in concepts.HEADS)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    tmp = _stage_tmp(stage)
+    save_file(detector.state_dict(), tmp / "model.safetensors")
+    (tmp / "config.json").write_text(json.dumps({"heads": concepts.HEADS, "width": 32}, indent=1))
+    _finish(tmp, stage)
+    _log(f"detector done: final loss {loss.item():.3f}")
+    return detector
+
+
+@torch.no_grad()
+def _encode_pretraining_set(cfg: BuildConfig, vae, text_encoder, tokenizer, cache: Path):
+    if cache.is_file():
+        return torch.load(cache, weights_only=True)
+    means, stds, captions = [], [], []
+    chunk = 500
+    for start in tqdm(range(0, cfg.unet_samples, chunk), desc="encode pretraining set", mininterval=5):
+        samples = generate(min(chunk, cfg.unet_samples - start), seed=cfg.seed + 41, split="pretrain", start=start)
+        posterior = vae.encode(images_to_tensor([s.image for s in samples]).to(cfg.device)).latent_dist
+        means.append(posterior.mean.cpu())
+        stds.append(posterior.std.cpu())
+        captions += [s.caption for s in samples]
+    ids = _tokenize(tokenizer, captions, "cpu")
+    data = {"mean": torch.cat(means), "std": torch.cat(stds), "input_ids": ids,
+            "empty_ids": _tokenize(tokenizer, [""], "cpu")}
+    torch.save(data, cache)
+    return data
+
+
+def train_unet(out: Path, cfg: BuildConfig, vae, text_encoder, tokenizer):
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from safetensors.torch import load_file, save_file
+
+    stage = out / "unet"
+    if _done(stage):
+        return UNet2DConditionModel.from_pretrained(stage).to(cfg.device)
+    work = out / "unet.work"
+    work.mkdir(parents=True, exist_ok=True)
+    data = _encode_pretraining_set(cfg, vae, text_encoder, tokenizer, work / "latents.pt")
+    torch.manual_seed(cfg.seed + 4)
+    unet = UNet2DConditionModel(**UNET_CONFIG).to(cfg.device)
+    ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=1e-2)
+    scheduler = DDPMScheduler.from_config(SCHEDULER_CONFIG)
+    generator = torch.Generator().manual_seed(cfg.seed + 5)
+    start = 0
+    checkpoint = work / "checkpoint.pt"
+    if checkpoint.is_file():
+        state = torch.load(checkpoint, weights_only=True)
+        unet.load_state_dict(state["unet"])
+        ema = state["ema"]
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        start = state["step"]
+        _log(f"unet: resumed at step {start}")
+    text_encoder.requires_grad_(False)
+    n = data["mean"].shape[0]
+    scale = vae.config.scaling_factor
+    bar = tqdm(range(start, cfg.unet_steps), desc="unet", mininterval=10, initial=start, total=cfg.unet_steps)
+    for step in bar:
+        _set_lr(optimizer, _cosine_lr(step, cfg.unet_steps, cfg.unet_lr, warmup=300))
+        index = torch.randint(0, n, (cfg.unet_batch,), generator=generator)
+        latents = data["mean"][index] + data["std"][index] * torch.randn(data["mean"][index].shape, generator=generator)
+        latents = (latents * scale).to(cfg.device)
+        ids = data["input_ids"][index].clone()
+        drop = torch.rand(cfg.unet_batch, generator=generator) < cfg.caption_dropout
+        ids[drop] = data["empty_ids"]
+        with torch.no_grad():
+            context = text_encoder(ids.to(cfg.device))[0]
+        noise = torch.randn(latents.shape, generator=generator).to(cfg.device)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.unet_batch,), generator=generator).to(cfg.device)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        loss = F.mse_loss(unet(noisy, timesteps, context).sample, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for name, value in unet.state_dict().items():
+                ema[name].lerp_(value, 1 - decay)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.unet_steps:
+            state = {"unet": unet.state_dict(), "ema": ema, "optimizer": optimizer.state_dict(),
+                     "generator": generator.get_state(), "step": step + 1}
+            torch.save(state, work / "checkpoint.tmp")
+            os.replace(work / "checkpoint.tmp", checkpoint)
+            _log(f"unet step {step + 1}: loss {loss.item():.4f}")
+    unet.load_state_dict(ema)
+    tmp = _stage_tmp(stage)
+    unet.save_pretrained(tmp, safe_serialization=True)
+    _finish(tmp, stage)
+    return unet
+
+
+def text_encoder_from_clip(clip_model):
+    """The CLIP text tower as the standalone CLIPTextModel a diffusers pipeline holds."""
+    from transformers import CLIPTextModel
+
+    text_encoder = CLIPTextModel(clip_model.config.text_config)
+    # transformers 5 keeps the tower's layers at the top level of CLIPTextModel.
+    inner = getattr(text_encoder, "text_model", text_encoder)
+    inner.load_state_dict(clip_model.text_model.state_dict())
+    return text_encoder
+
+
+def assemble(out: Path, target: Path, cfg: BuildConfig, tokenizer, vae, clip_model, unet, detector) -> Path:
+    """Write the shipped layout: pipeline/, clip/, detector/ and manifest.json, atomically."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    text_encoder = text_encoder_from_clip(clip_model)
+    pipe = StableDiffusionPipeline(vae=vae.cpu(), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet.cpu(),
+                                   scheduler=DDIMScheduler(**SCHEDULER_CONFIG), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    tmp = target.with_name(target.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    pipe.save_pretrained(tmp / "pipeline", safe_serialization=True)
+    shutil.copytree(out / "clip", tmp / "clip", ignore=shutil.ignore_patterns("DONE"))
+    shutil.copytree(out / "detector", tmp / "detector", ignore=shutil.ignore_patterns("DONE"))
+    files = {}
+    for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
+        files[str(path.relative_to(tmp))] = hashlib.sha256(path.read_bytes()).hexdigest()
+    manifest = {"format": "conceptguard-world", "version": 1, "recipe": asdict(cfg), "files": files}
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    if target.exists():
+        old = target.with_name(target.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, target)
+    return target
+
+
+def build_world(out_dir: str | Path, target: str | Path | None = None, cfg: BuildConfig | None = None) -> Path:
+    """Run every stage (resuming finished ones) and assemble the shipped artefacts into ``target``."""
+    cfg = cfg or BuildConfig()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "build_config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    tokenizer = build_tokenizer(out)
+    vae = train_vae(out, cfg).eval()
+    clip_model = train_clip(out, cfg, tokenizer).eval()
+    detector = train_detector(out, cfg, vae).eval()
+    text_encoder = text_encoder_from_clip(clip_model).to(cfg.device)
+    unet = train_unet(out, cfg, vae, text_encoder.eval(), tokenizer)
+    return assemble(out, Path(target) if target else out / "world", cfg, tokenizer, vae, clip_model, unet, detector)
