@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from conceptguard.models.io import quiet_libraries
+
+    quiet_libraries()  # stderr carries our one-line errors, not library chatter
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):

@@ -48,7 +48,7 @@ def load_embedded_pipeline(device: str = "cpu", torch_dtype=None, assets: Path =
     diffusers_logging.disable_progress_bar()
     pipe = StableDiffusionPipeline.from_pretrained(
         assets / "pipeline", local_files_only=True, use_safetensors=True, safety_checker=None,
-        requires_safety_checker=False, torch_dtype=torch_dtype or torch.float32)
+        requires_safety_checker=False, dtype=torch_dtype or torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

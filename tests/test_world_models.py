@@ -1,0 +1,94 @@
+"""The shipped embedded world: files intact, standard loading, detector accuracy, quality bar."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conceptguard.world import ASSETS_DIR, load_clip, load_detector, load_embedded_pipeline, verify_assets
+from conceptguard.world.concepts import HEADS
+from conceptguard.world.dataset import generate, images_to_tensor
+from conceptguard.world.quality import QUALITY_BAR, meets_bar, measure_quality
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return load_embedded_pipeline()
+
+
+def test_shipped_files_match_manifest_and_size_budget():
+    manifest = verify_assets()
+    total = sum((ASSETS_DIR / f).stat().st_size for f in manifest["files"])
+    assert total <= 40 * 2**20, f"shipped world is {total / 2**20:.1f} MiB"
+    assert all(f.endswith((".json", ".safetensors", ".txt")) for f in manifest["files"])
+    assert "recipe" in manifest and manifest["recipe"]["seed"] == 0
+
+
+def test_tampered_file_is_detected(tmp_path):
+    import shutil
+
+    from conceptguard.errors import ConceptGuardError
+
+    copy = tmp_path / "assets"
+    shutil.copytree(ASSETS_DIR, copy)
+    config = copy / "detector" / "config.json"
+    config.write_text(config.read_text() + " ")
+    with pytest.raises(ConceptGuardError, match="does not match"):
+        verify_assets(copy)
+
+
+def test_pipeline_loads_with_plain_diffusers():
+    from diffusers import StableDiffusionPipeline
+
+    plain = StableDiffusionPipeline.from_pretrained(ASSETS_DIR / "pipeline", local_files_only=True)
+    assert plain.unet.config.cross_attention_dim == plain.text_encoder.config.hidden_size
+    names = [n for n, _ in plain.unet.named_parameters()]
+    assert any("attn2.to_k" in n for n in names) and any("attn1.to_q" in n for n in names)
+
+
+def test_detector_accuracy_on_held_out_renders():
+    detector = load_detector()
+    samples = generate(384, seed=987654, split="all")  # seeds never used in training
+    predicted = detector.predict(images_to_tensor([s.image for s in samples]))
+    for head in HEADS:
+        accuracy = np.mean([p == s.labels[head] for p, s in zip(predicted[head], samples)])
+        assert accuracy >= 0.98, f"{head}: {accuracy:.3f}"
+
+
+def test_detector_features_serve_as_a_distance():
+    detector = load_detector()
+    a = images_to_tensor([s.image for s in generate(8, seed=1, split="pretrain", shape="circle", colour="red")])
+    b = images_to_tensor([s.image for s in generate(8, seed=2, split="pretrain", shape="circle", colour="red")])
+    c = images_to_tensor([s.image for s in generate(8, seed=3, split="pretrain", shape="star", colour="blue")])
+    with torch.no_grad():
+        fa, fb, fc = (detector.features(x).mean(0) for x in (a, b, c))
+    assert (fa - fb).norm() < (fa - fc).norm()
+
+
+def test_world_clip_prefers_the_matching_caption():
+    model, tokenizer = load_clip()
+    samples = generate(16, seed=11, split="pretrain", halo="absent")
+    pixels = images_to_tensor([s.image for s in samples])
+    ids = tokenizer([s.caption for s in samples], padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        logits = model(input_ids=ids, pixel_values=pixels).logits_per_image
+    top1 = (logits.argmax(-1) == torch.arange(len(samples))).float().mean().item()
+    assert top1 >= 0.5, top1
+
+
+def test_quality_bar_on_a_seeded_sample(pipe):
+    scores = measure_quality(pipe, load_detector(), n_per_concept=3, seed=123, num_inference_steps=25)
+    print(json.dumps(scores))
+    verdict = meets_bar(scores)
+    assert all(verdict.values()), {k: (scores[k], QUALITY_BAR[k]) for k in scores}
+
+
+def test_generation_is_seeded(pipe):
+    from conceptguard.sampling import generate_images
+
+    a = generate_images(pipe, ["a red circle", "a blue star"], seed=4, num_inference_steps=5, progress=False)
+    b = generate_images(pipe, ["a red circle", "a blue star"], seed=4, num_inference_steps=5, batch_size=1,
+                        progress=False)
+    assert np.array_equal(a, b)
