@@ -1,0 +1,1 @@
+"""Evaluation: seeded generation, detector-based erasure/preservation metrics, quality metrics."""
