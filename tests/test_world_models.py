@@ -11,6 +11,8 @@ from conceptguard.world.concepts import HEADS
 from conceptguard.world.dataset import generate, images_to_tensor
 from conceptguard.world.quality import QUALITY_BAR, meets_bar, measure_quality
 
+pytestmark = pytest.mark.world
+
 
 @pytest.fixture(scope="module")
 def pipe():

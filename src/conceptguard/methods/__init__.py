@@ -85,8 +85,10 @@ def get_method(name: str, kind: str | None = None) -> MethodSpec:
     return available[name]
 
 
-def apply_method(pipe, name: str, config=None, *, run_dir: str | Path, resume: bool = False, **overrides) -> MethodResult:
-    """Run method ``name`` on ``pipe`` (edited in place). ``overrides`` set config fields."""
+def apply_method(pipe, name: str, config=None, *, run_dir: str | Path, resume: bool = False, train_config=None,
+                 **overrides) -> MethodResult:
+    """Run method ``name`` on ``pipe`` (edited in place). ``overrides`` set config fields;
+    ``train_config`` (a TrainConfig) replaces a trained method's paper defaults."""
     spec = get_method(name)
     if config is None:
         config = spec.config(**overrides)
@@ -94,4 +96,5 @@ def apply_method(pipe, name: str, config=None, *, run_dir: str | Path, resume: b
         from dataclasses import replace
 
         config = replace(config, **overrides)
-    return spec.apply(pipe, config, run_dir=Path(run_dir), resume=resume)
+    kwargs = {"train_config": train_config} if train_config is not None else {}
+    return spec.apply(pipe, config, run_dir=Path(run_dir), resume=resume, **kwargs)

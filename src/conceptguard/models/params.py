@@ -30,7 +30,7 @@ _TIME_AND_OUT = re.compile(r"^(time_embedding|conv_out)\.")
 PRESETS: dict[str, str] = {
     "x": "cross-attention: every parameter of attn2 (ESD-x, UCE)",
     "x-strict": "cross-attention keys and values only: attn2.to_k and attn2.to_v",
-    "u": "everything except cross-attention (ESD-u, SDD)",
+    "u": "everything except cross-attention (ESD-u)",
     "all": "every UNet parameter",
     "imma": "attention projections (to_q, to_k, to_v, to_out) of self- and cross-attention (IMMA)",
 }

@@ -47,13 +47,13 @@ class BuildConfig:
     device: str = "cpu"
     vae_steps: int = 1500
     vae_batch: int = 32
-    clip_steps: int = 1500
-    clip_batch: int = 128
-    detector_steps: int = 2000
+    clip_steps: int = 1200
+    clip_batch: int = 64
+    detector_steps: int = 1500
     detector_batch: int = 64
     unet_samples: int = 40000
     unet_steps: int = 16000
-    unet_batch: int = 64
+    unet_batch: int = 32
     unet_lr: float = 3e-4
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
@@ -288,7 +288,9 @@ def train_unet(out: Path, cfg: BuildConfig, vae, text_encoder, tokenizer):
     scale = vae.config.scaling_factor
     bar = tqdm(range(start, cfg.unet_steps), desc="unet", mininterval=10, initial=start, total=cfg.unet_steps)
     for step in bar:
-        _set_lr(optimizer, _cosine_lr(step, cfg.unet_steps, cfg.unet_lr, warmup=300))
+        # Warm-up then constant: a run of N steps is a prefix of any longer run, so training can be
+        # extended (or stopped at a checkpoint) and still equal a fresh build with unet_steps=N.
+        _set_lr(optimizer, cfg.unet_lr * min(1.0, (step + 1) / 300))
         index = torch.randint(0, n, (cfg.unet_batch,), generator=generator)
         latents = data["mean"][index] + data["std"][index] * torch.randn(data["mean"][index].shape, generator=generator)
         latents = (latents * scale).to(cfg.device)

@@ -2,7 +2,7 @@
 
 The tiny pipeline is made of the same diffusers/transformers classes as Stable Diffusion 1.x —
 only smaller — so every method runs on it through the same code paths as on SD:
-- AutoencoderKL with 8× down-sampling (64×64 RGB ↔ 8×8×8 latents);
+- AutoencoderKL with 4× down-sampling (64×64 RGB ↔ 16×16×4 latents);
 - UNet2DConditionModel with cross-attention (``attn1``/``attn2`` named as in SD);
 - CLIPTextModel + CLIPTokenizer, trained contrastively with a CLIP vision tower that we keep as the
   world's CLIP-score model;
@@ -20,17 +20,17 @@ from torch import nn
 from conceptguard.world.concepts import HEADS
 
 IMAGE_SIZE = 64
-LATENT_CHANNELS = 8
-LATENT_SIZE = 8
+LATENT_CHANNELS = 4
+LATENT_SIZE = 16
 TEXT_HIDDEN = 64
 MAX_TOKENS = 20
 
 VAE_CONFIG = dict(
     in_channels=3,
     out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(16, 32, 64, 96),
+    down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3,
+    block_out_channels=(16, 32, 64),
     layers_per_block=1,
     latent_channels=LATENT_CHANNELS,
     norm_num_groups=8,
@@ -41,12 +41,12 @@ UNET_CONFIG = dict(
     sample_size=LATENT_SIZE,
     in_channels=LATENT_CHANNELS,
     out_channels=LATENT_CHANNELS,
-    block_out_channels=(64, 128, 128),
+    block_out_channels=(32, 64, 128),
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     layers_per_block=1,
     cross_attention_dim=TEXT_HIDDEN,
-    attention_head_dim=8,
+    attention_head_dim=4,
     norm_num_groups=16,
 )
 
