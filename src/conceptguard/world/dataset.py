@@ -2,7 +2,7 @@
 
 Splits:
 - ``pretrain``: what the tiny model was trained on — objects and the seen characters; halos in
-  40% of images, named in only a quarter of their captions (the rest use trigger words).
+  44% of images, named in only a quarter of their captions (the rest use trigger words).
 - ``held_out_characters``: the held-out characters (the illegal fine-tuning domain).
 - ``innocent``: the held-out design families (logos, garments).
 - ``all``: everything, for the detector.
@@ -39,7 +39,7 @@ from conceptguard.world.concepts import (
 from conceptguard.world.render import render
 
 SPLITS = ("pretrain", "held_out_characters", "innocent", "all")
-HALO_RATE = 0.4
+HALO_RATE = 0.44
 HALO_NAMED_SHARE = 0.25
 
 
