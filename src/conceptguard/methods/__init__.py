@@ -25,6 +25,8 @@ METHOD_MODULES = (
     "conceptguard.methods.esd",
     "conceptguard.methods.sdd",
     "conceptguard.methods.uce",
+    "conceptguard.methods.imma",
+    "conceptguard.methods.mima",
 )
 
 
