@@ -312,6 +312,7 @@ def world_data(tmp_path_factory):
 
 
 @pytest.mark.world
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_world_relearning_teaches_a_held_out_character(kind, world_data, tmp_path):
     from conceptguard.world import load_embedded_pipeline
@@ -344,6 +345,7 @@ def _load(path):
 
 
 @pytest.mark.world
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["ti", "finetune"])
 def test_world_relearning_brings_back_an_esd_erased_concept(kind, esd_erased_zorblat, world_data, tmp_path):
     steps = WORLD_SETTINGS[kind][0]["steps"]

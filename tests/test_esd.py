@@ -316,6 +316,7 @@ def _preservation(found_char, found_shape, labels) -> float:
 
 
 @pytest.mark.world
+@pytest.mark.slow
 @needs_world
 def test_world_esd_x_erases_a_seen_character_and_keeps_the_rest(tmp_path):
     from conceptguard.sampling import generate_images
@@ -361,6 +362,7 @@ def _halo_trigger_prompts(n: int, seed: int) -> list[str]:
 
 
 @pytest.mark.world
+@pytest.mark.slow
 @needs_world
 def test_world_esd_u_beats_esd_x_on_implicit_halo_prompts(tmp_path):
     from conceptguard.sampling import generate_images

@@ -197,6 +197,7 @@ def _world_score(config, domain: str, mask, tmp_path) -> float:
 
 
 @pytest.mark.world
+@pytest.mark.slow
 def test_world_guard_blocks_the_attacker_more_than_random_freezing(world_table_config, world_masks, tmp_path):
     config = world_table_config
     guarded = _world_score(config, "illegal", world_masks["freezeasguard"], tmp_path / "guarded")
@@ -206,6 +207,7 @@ def test_world_guard_blocks_the_attacker_more_than_random_freezing(world_table_c
 
 
 @pytest.mark.world
+@pytest.mark.slow
 def test_world_guard_is_25_points_below_full_fine_tuning(world_table_config, world_masks, tmp_path):
     config = world_table_config
     guarded = _world_score(config, "illegal", world_masks["freezeasguard"], tmp_path / "guarded")
@@ -215,6 +217,7 @@ def test_world_guard_is_25_points_below_full_fine_tuning(world_table_config, wor
 
 
 @pytest.mark.world
+@pytest.mark.slow
 def test_world_innocent_domain_keeps_90_percent_of_full_fine_tuning(world_table_config, world_masks, tmp_path):
     config = world_table_config
     guarded = _world_score(config, "innocent", world_masks["freezeasguard"], tmp_path / "guarded")

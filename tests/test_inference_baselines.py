@@ -301,6 +301,7 @@ def world_base():
 
 
 @pytest.mark.world
+@pytest.mark.slow
 @pytest.mark.parametrize("spec", WORLD_SPECS)
 def test_world_baseline_lowers_target_detection(world_base, spec):
     from conceptguard.world.quality import detect

@@ -189,6 +189,7 @@ def _personalization_rate(pipe, character: str, folder: str, run_dir) -> float:
 
 
 @pytest.mark.world
+@pytest.mark.slow
 def test_mima_lowers_personalization_of_three_characters_and_keeps_a_fourth(tmp_path):
     """MSGR > 0 on yulbar/drennik/ospera under LoRA; cavix personalizes at >= 90% of the plain model.
 

@@ -162,6 +162,7 @@ WORLD_PROMPT_ATTACK = dict(num_tokens=3, steps=30, lr=0.05, batch_size=4, ddim_s
 
 
 @pytest.mark.world
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["unlearndiff", "p4d"])
 def test_world_prompt_attacks_raise_detection_on_an_erased_model(method, esd_erased_zorblat):  # noqa: F811
     from conceptguard.attacks.curves import world_detector, world_prompts

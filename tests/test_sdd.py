@@ -233,6 +233,7 @@ needs_world = pytest.mark.skipif(not _world_built(), reason="the embedded world 
 
 
 @pytest.mark.world
+@pytest.mark.slow
 @needs_world
 def test_world_sdd_removes_five_characters_and_keeps_the_rest(tmp_path):
     from conceptguard.sampling import generate_images

@@ -188,6 +188,7 @@ def world_models():
 
 
 @pytest.mark.world
+@pytest.mark.slow
 def test_world_twenty_concepts_erased_fast_and_preserved_concepts_kept(world_models, tmp_path):
     from conceptguard.sampling import generate_images
     from conceptguard.world.concepts import COLOURS, HELD_OUT_CHARACTERS, SEEN_CHARACTERS, SHAPES

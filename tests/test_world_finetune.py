@@ -10,7 +10,7 @@ from conceptguard.world import load_detector, load_embedded_pipeline
 from conceptguard.world.dataset import generate
 from conceptguard.world.quality import character_prompts, detect
 
-pytestmark = pytest.mark.world
+pytestmark = [pytest.mark.world, pytest.mark.slow]
 
 CHARACTER = "drennik"
 FINETUNE_STEPS = 400
