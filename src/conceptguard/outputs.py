@@ -131,7 +131,7 @@ def _walk_files(root: Path) -> Iterator[Path]:
 # Checks done before any work
 # --------------------------------------------------------------------------------------------
 
-def _check_output_target(out_dir: Path, overwrite: bool) -> None:
+def check_output_target(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() or out_dir.is_symlink():
         if not overwrite:
             raise ConceptGuardError(
@@ -348,7 +348,7 @@ def save_method_outputs(
     the new one is in place. Returns ``out_dir``.
     """
     out_dir = Path(out_dir).expanduser().absolute()
-    _check_output_target(out_dir, overwrite)
+    check_output_target(out_dir, overwrite)
     delta = _checked_delta(pipe, changed)
     extras = _checked_extra_files(extra_files)
     family = detect_family(pipe)

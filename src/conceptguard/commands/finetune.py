@@ -47,13 +47,13 @@ def run(args) -> int:
     from conceptguard.finetune import FinetuneConfig, finetune, trainable_selection
     from conceptguard.guard.maskfile import load_mask
     from conceptguard.models.io import content_hash, load_pipeline
-    from conceptguard.outputs import _check_output_target, save_method_outputs
+    from conceptguard.outputs import check_output_target, save_method_outputs
     from conceptguard.training.loop import TrainConfig
 
     values = split_config_file(args, {"finetune": FinetuneConfig, "train": TrainConfig})
     config = build_config(FinetuneConfig, cli_values=values["finetune"])
     train_config = build_config(TrainConfig, cli_values=values["train"])
-    _check_output_target(Path(args.out).absolute(), args.overwrite)  # fail before hours of training
+    check_output_target(Path(args.out).absolute(), args.overwrite)  # fail before hours of training
     guard = load_mask(args.guard) if args.guard else None  # a damaged mask fails before the model loads
     pipe = load_pipeline(args.model, allow_pickle=args.allow_pickle, config_dir=args.config_dir, device=args.device)
     base_hash = content_hash(pipe)
