@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -106,3 +108,31 @@ def training_scheduler(pipe):
     from diffusers import DDPMScheduler
 
     return DDPMScheduler.from_config(pipe.scheduler.config)
+
+
+def prepare_trainable(pipe, parameter_names: Sequence[str], device) -> dict[str, torch.nn.Parameter]:
+    """Move ``pipe`` to ``device``, freeze every weight, then unfreeze the named UNet tensors.
+
+    Returns them by name: what a recipe hands the training loop as its trainable parameters.
+    """
+    pipe.to(device)
+    for module in (pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
+        if module is not None:
+            module.requires_grad_(False)
+    pipe.unet.requires_grad_(False)
+    named = dict(pipe.unet.named_parameters())
+    chosen = {name: named[name] for name in parameter_names}
+    for param in chosen.values():
+        param.requires_grad_(True)
+    return chosen
+
+
+@contextmanager
+def eval_mode(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Run ``module`` in eval mode (e.g. to sample latents mid-training), then restore its mode."""
+    training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(training)

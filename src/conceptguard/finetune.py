@@ -26,6 +26,7 @@ from conceptguard.diffusion import (
     Conditioning,
     encode_images,
     encode_prompts,
+    prepare_trainable,
     training_scheduler,
     training_target,
     unet_predict,
@@ -101,22 +102,13 @@ class TextToImageRecipe:
 
     def setup(self, accelerator) -> None:
         pipe = self.pipe
-        pipe.to(accelerator.device)
-        for module in (pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
-            if module is not None:
-                module.requires_grad_(False)
-        unet = pipe.unet
-        unet.requires_grad_(False)
-        named = dict(unet.named_parameters())
-        for name in self.parameter_names:
-            named[name].requires_grad_(True)
+        self.trainable = prepare_trainable(pipe, self.parameter_names, accelerator.device)
         self.data = CaptionedLatents(pipe, self.images, self.captions, accelerator.device)
-        self.unet = accelerator.prepare(unet)
+        self.unet = accelerator.prepare(pipe.unet)
         self.device = accelerator.device
 
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
-        named = dict(self.pipe.unet.named_parameters())
-        return {name: named[name] for name in self.parameter_names}
+        return self.trainable
 
     def loss(self, step: int, generator: torch.Generator) -> torch.Tensor:
         return self.data.loss(lambda noisy, t, cond: unet_predict(self.unet, noisy, t, cond), self.batch_size,

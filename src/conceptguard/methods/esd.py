@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from conceptguard.config import config_to_dict
-from conceptguard.diffusion import Conditioning, encode_prompts
+from conceptguard.diffusion import Conditioning, encode_prompts, eval_mode, prepare_trainable
 from conceptguard.errors import ConceptGuardError
 from conceptguard.methods import MethodResult, register_method
 from conceptguard.methods.trajectory import (
@@ -121,17 +121,11 @@ class ESDRecipe:
 
     def setup(self, accelerator) -> None:
         pipe, device = self.pipe, accelerator.device
-        pipe.to(device)
-        for module in (pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
-            if module is not None:
-                module.requires_grad_(False)
+        self.trainable = prepare_trainable(pipe, self.parameter_names, device)
         unet = pipe.unet
-        unet.requires_grad_(False)
         named = dict(unet.named_parameters())
-        for name in self.parameter_names:
-            named[name].requires_grad_(True)
         # Taken before the loop loads a checkpoint, so on resume this is still the original model.
-        self.frozen = {name: named[name].detach().clone() for name in self.parameter_names}
+        self.frozen = {name: p.detach().clone() for name, p in self.trainable.items()}
 
         concepts, anchors = self.config.concepts, self.config.anchors()
         self.empty = empty_conditioning(pipe, device)
@@ -149,21 +143,15 @@ class ESDRecipe:
         self.train_predict = module_predictor(self.unet)  # the prepared module: DDP syncs its gradients
 
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
-        named = dict(self.pipe.unet.named_parameters())
-        return {name: named[name] for name in self.parameter_names}
+        return self.trainable
 
     def draw(self, generator: torch.Generator) -> tuple[int, TrajectorySample]:
         """Pick a concept and sample its on-trajectory latent and timestep."""
         index = int(torch.randint(0, len(self.cond), (1,), generator=generator))
-        unet = self.base_unet
-        training = unet.training
-        unet.eval()
-        try:
+        with eval_mode(self.base_unet):
             predict = self.live_predict if self.config.sampler == "model" else self.frozen_predict
             sample = self.sampler.sample(predict, self.prompt[index], self.empty, generator, self.shape,
                                          device=self.device)
-        finally:
-            unet.train(training)
         return index, sample
 
     def target(self, index: int, latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:

@@ -42,7 +42,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from conceptguard.diffusion import encode_prompts
+from conceptguard.diffusion import encode_prompts, prepare_trainable
 from conceptguard.errors import ConceptGuardError
 from conceptguard.methods import MethodResult, register_method
 from conceptguard.methods.imma import (
@@ -168,16 +168,9 @@ class MIMARecipe:
         from conceptguard.methods.trajectory import functional_predictor, module_predictor
 
         pipe, config, device = self.pipe, self.config, accelerator.device
-        pipe.to(device)
-        for module in (pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
-            if module is not None:
-                module.requires_grad_(False)
+        self.theta = prepare_trainable(pipe, self.parameter_names, device)
         unet = pipe.unet
-        unet.requires_grad_(False)
         named = dict(unet.named_parameters())
-        self.theta = {name: named[name] for name in self.parameter_names}
-        for param in self.theta.values():
-            param.requires_grad_(True)
         self.kv_names = [n for n in immunized_parameters(unet, "x-strict", (), ()) if n.endswith(".weight")]
 
         self.data = [CaptionedLatents(pipe, images, captions, device) for images, captions in self.groups]

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from conceptguard.config import config_to_dict
-from conceptguard.diffusion import encode_prompts
+from conceptguard.diffusion import encode_prompts, eval_mode, prepare_trainable
 from conceptguard.errors import ConceptGuardError
 from conceptguard.methods import MethodResult, register_method
 from conceptguard.methods.trajectory import (
@@ -117,17 +117,11 @@ class SDDRecipe:
 
     def setup(self, accelerator) -> None:
         pipe, device = self.pipe, accelerator.device
-        pipe.to(device)
-        for module in (pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
-            if module is not None:
-                module.requires_grad_(False)
+        self.trainable = prepare_trainable(pipe, self.parameter_names, device)
         unet = pipe.unet
-        unet.requires_grad_(False)
         named = dict(unet.named_parameters())
-        for name in self.parameter_names:
-            named[name].requires_grad_(True)
         # The teacher starts as the student; on resume the loop overwrites it via load_state_dict.
-        self.ema = {name: named[name].detach().clone() for name in self.parameter_names}
+        self.ema = {name: p.detach().clone() for name, p in self.trainable.items()}
 
         self.empty = empty_conditioning(pipe, device)
         self.cond = [encode_prompts(pipe, [c], device=device) for c in self.config.concepts]
@@ -142,20 +136,14 @@ class SDDRecipe:
         self.train_predict = module_predictor(self.unet)  # the prepared module: DDP syncs its gradients
 
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
-        named = dict(self.pipe.unet.named_parameters())
-        return {name: named[name] for name in self.parameter_names}
+        return self.trainable
 
     def draw(self, generator: torch.Generator) -> tuple[int, TrajectorySample]:
         """Pick ONE concept and let the teacher sample its on-trajectory latent."""
         index = int(torch.randint(0, len(self.cond), (1,), generator=generator))
-        unet = self.base_unet
-        training = unet.training
-        unet.eval()
-        try:
+        with eval_mode(self.base_unet):
             sample = self.sampler.sample(self.teacher_predict, self.cond[index], self.empty, generator, self.shape,
                                          device=self.device)
-        finally:
-            unet.train(training)
         return index, sample
 
     def loss_at(self, sample: TrajectorySample) -> torch.Tensor:
