@@ -123,7 +123,6 @@ class ESDRecipe:
         pipe, device = self.pipe, accelerator.device
         self.trainable = prepare_trainable(pipe, self.parameter_names, device)
         unet = pipe.unet
-        named = dict(unet.named_parameters())
         # Taken before the loop loads a checkpoint, so on resume this is still the original model.
         self.frozen = {name: p.detach().clone() for name, p in self.trainable.items()}
 

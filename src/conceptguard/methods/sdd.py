@@ -119,7 +119,6 @@ class SDDRecipe:
         pipe, device = self.pipe, accelerator.device
         self.trainable = prepare_trainable(pipe, self.parameter_names, device)
         unet = pipe.unet
-        named = dict(unet.named_parameters())
         # The teacher starts as the student; on resume the loop overwrites it via load_state_dict.
         self.ema = {name: p.detach().clone() for name, p in self.trainable.items()}
 

@@ -259,7 +259,6 @@ def _encode_pretraining_set(cfg: BuildConfig, vae, text_encoder, tokenizer, cach
 
 def train_unet(out: Path, cfg: BuildConfig, vae, text_encoder, tokenizer):
     from diffusers import DDPMScheduler, UNet2DConditionModel
-    from safetensors.torch import load_file, save_file
 
     stage = out / "unet"
     if _done(stage):

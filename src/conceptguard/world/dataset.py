@@ -23,7 +23,6 @@ from conceptguard.errors import ConceptGuardError
 from conceptguard.world.concepts import (
     BACKGROUNDS,
     CAPTION_PREFIXES,
-    CHARACTER_BY_NAME,
     CHARACTER_PREFIXES,
     COLOURS,
     DESIGN_DOMAIN,
