@@ -52,7 +52,7 @@ class BuildConfig:
     detector_steps: int = 1500
     detector_batch: int = 64
     unet_samples: int = 40000
-    unet_steps: int = 16000
+    unet_steps: int = 9000
     unet_batch: int = 32
     unet_lr: float = 3e-4
     ema_decay: float = 0.999
