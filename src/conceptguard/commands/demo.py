@@ -5,7 +5,7 @@
 3. evaluate the base and the erased model on the same seeded prompts;
 4. build the HTML report comparing them.
 
-Everything lands in --out: world.png, erased/ (pipeline, delta, model card), eval/ (results.json
+Everything lands in --out: world.png, erased/ (pipeline, delta, model card), esd-x/ (results.json
 and images of both models) and report.html.
 """
 
@@ -60,10 +60,10 @@ def run(args) -> int:
     print(f"[2/4] ESD-x erased {args.concept!r}: {out / 'erased'}")
 
     results = evaluate(PipelineSource(erased, name="esd-x"), erase=[args.concept], prompt_set="quick",
-                       base_source=PipelineSource(base, name="base"), seed=args.seed, out_dir=out / "eval",
+                       base_source=PipelineSource(base, name="base"), seed=args.seed, out_dir=out / "esd-x",
                        overwrite=True)
     print(f"[3/4] evaluated base and erased on the same seeds: {_headline(results, args.concept)}")
-    written = build_report([out / "eval"], out / "report.html")
+    written = build_report([out / "esd-x"], out / "report.html")
     print(f"[4/4] report: {written.get('html', out / 'report.html')}")
     return 0
 
