@@ -23,6 +23,11 @@ def add_arguments(parser) -> None:
     build.add_argument("--install", action="store_true", help="copy the result into the package's assets")
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--device", default="cpu")
+    build.add_argument("--from-shipped", metavar="STATE_DIR", default=None,
+                       help="continue from the shipped world: finished stages from the package assets, the UNet "
+                            "from its exported training state (e.g. world-training-state/); raise --unet-steps")
+    build.add_argument("--export-state", metavar="STATE_DIR", default=None,
+                       help="after building, write the UNet's training state there so a later build can continue")
     for name in ("vae_steps", "clip_steps", "detector_steps", "unet_steps", "unet_samples", "unet_batch"):
         build.add_argument("--" + name.replace("_", "-"), type=int, default=None)
 
@@ -62,8 +67,19 @@ def _build(args) -> int:
 
     overrides = {k: getattr(args, k) for k in ("vae_steps", "clip_steps", "detector_steps", "unet_steps",
                                                "unet_samples", "unet_batch") if getattr(args, k) is not None}
+    from pathlib import Path
+
+    from conceptguard.world.build import export_unet_state, seed_build_from_shipped
+
     cfg = BuildConfig(seed=args.seed, device=args.device, **overrides)
+    if args.from_shipped:
+        step = seed_build_from_shipped(Path(args.out), ASSETS_DIR, Path(args.from_shipped))
+        if cfg.unet_steps <= step:
+            raise ConceptGuardError(f"the shipped UNet is at step {step}: pass --unet-steps above it to continue")
+        print(f"continuing the shipped world from UNet step {step}")
     result = build_world(args.out, cfg=cfg)
+    if args.export_state:
+        print(f"UNet training state written to {export_unet_state(Path(args.out), Path(args.export_state))}")
     print(f"built the world in {result}")
     if args.install:
         staging = ASSETS_DIR.with_name(ASSETS_DIR.name + ".new")

@@ -368,6 +368,63 @@ def assemble(out: Path, target: Path, cfg: BuildConfig, tokenizer, vae, clip_mod
     return target
 
 
+# --- carrying the UNet's training state in the repository -------------------------------------
+# The UNet stage is the long one. Its full state (raw weights, Adam moments, generator) is exported
+# next to the shipped assets so a later build can continue it instead of starting over; with the
+# constant learning rate, continuing to step M equals a fresh build with unet_steps=M.
+
+def export_unet_state(out: Path, state_dir: Path) -> Path:
+    """Write the UNet stage's checkpoint as safetensors (keyed by parameter name) + state.json."""
+    from safetensors.torch import save_file
+
+    state = torch.load(out / "unet.work" / "checkpoint.pt", weights_only=True)
+    names = list(state["unet"].keys())
+    params = [n for n in names if state["unet"][n].dtype.is_floating_point]
+    by_index = state["optimizer"]["state"]
+    state_dir.mkdir(parents=True, exist_ok=True)
+    save_file({n: t.contiguous() for n, t in state["unet"].items()}, state_dir / "unet_raw.safetensors")
+    save_file({n: by_index[i]["exp_avg"].contiguous() for i, n in enumerate(params)}, state_dir / "adam_exp_avg.safetensors")
+    save_file({n: by_index[i]["exp_avg_sq"].contiguous() for i, n in enumerate(params)},
+              state_dir / "adam_exp_avg_sq.safetensors")
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in state["optimizer"]["param_groups"]]
+    meta = {"step": int(state["step"]), "adam_steps": [float(by_index[i]["step"]) for i in range(len(params))],
+            "param_groups": groups, "param_order": params, "generator": state["generator"].tolist()}
+    (state_dir / "state.json").write_text(json.dumps(meta))
+    return state_dir
+
+
+def seed_build_from_shipped(out: Path, assets: Path, state_dir: Path) -> int:
+    """Fill a build folder from the shipped assets and exported UNet state; returns the UNet step.
+
+    Every finished stage (tokenizer, VAE, CLIP, detector) comes from the assets; the UNet stage's
+    checkpoint is rebuilt from ``state_dir`` (its EMA weights are the shipped UNet).
+    """
+    from safetensors.torch import load_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    for stage, source in (("tokenizer", assets / "pipeline" / "tokenizer"), ("vae", assets / "pipeline" / "vae"),
+                          ("clip", assets / "clip"), ("detector", assets / "detector")):
+        if not _done(out / stage):
+            tmp = _stage_tmp(out / stage)
+            shutil.copytree(source, tmp, dirs_exist_ok=True)
+            _finish(tmp, out / stage)
+    meta = json.loads((state_dir / "state.json").read_text())
+    raw = load_file(state_dir / "unet_raw.safetensors")
+    ema = load_file(assets / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
+    exp_avg, exp_avg_sq = load_file(state_dir / "adam_exp_avg.safetensors"), load_file(state_dir / "adam_exp_avg_sq.safetensors")
+    order = meta["param_order"]
+    optimizer = {"state": {i: {"step": torch.tensor(meta["adam_steps"][i]), "exp_avg": exp_avg[n],
+                               "exp_avg_sq": exp_avg_sq[n]} for i, n in enumerate(order)},
+                 "param_groups": [dict(g, params=list(range(len(order)))) for g in meta["param_groups"]]}
+    work = out / "unet.work"
+    work.mkdir(parents=True, exist_ok=True)
+    torch.save({"unet": raw, "ema": ema, "optimizer": optimizer, "step": meta["step"],
+                "generator": torch.tensor(meta["generator"], dtype=torch.uint8)}, work / "checkpoint.pt")
+    if (out / "unet").exists():
+        shutil.rmtree(out / "unet")
+    return meta["step"]
+
+
 def build_world(out_dir: str | Path, target: str | Path | None = None, cfg: BuildConfig | None = None) -> Path:
     """Run every stage (resuming finished ones) and assemble the shipped artefacts into ``target``."""
     cfg = cfg or BuildConfig()

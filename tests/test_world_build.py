@@ -1,0 +1,50 @@
+"""Continuing the shipped world: the UNet's training state leaves the build folder and comes back
+bit for bit, with every finished stage taken from the shipped assets."""
+
+import json
+
+import torch
+from safetensors.torch import save_file
+
+from conceptguard.world.build import export_unet_state, seed_build_from_shipped
+
+
+def _fake_assets(root):
+    for folder in ("pipeline/tokenizer", "pipeline/vae", "pipeline/unet", "clip", "detector"):
+        (root / folder).mkdir(parents=True)
+        (root / folder / "config.json").write_text(json.dumps({"folder": folder}))
+    return root
+
+
+def test_unet_state_round_trips_through_the_repository(tmp_path):
+    torch.manual_seed(0)
+    weights = {"conv.weight": torch.randn(4, 3), "conv.bias": torch.randn(4)}
+    ema = {k: v + 0.5 for k, v in weights.items()}
+    optimizer = {"state": {i: {"step": torch.tensor(7.0), "exp_avg": torch.randn_like(v), "exp_avg_sq": torch.rand_like(v)}
+                           for i, v in enumerate(weights.values())},
+                 "param_groups": [{"lr": 3e-4, "betas": (0.9, 0.999), "weight_decay": 0.01, "params": [0, 1]}]}
+    generator = torch.Generator().manual_seed(3).get_state()
+    build = tmp_path / "build"
+    (build / "unet.work").mkdir(parents=True)
+    torch.save({"unet": weights, "ema": ema, "optimizer": optimizer, "generator": generator, "step": 7},
+               build / "unet.work" / "checkpoint.pt")
+    assets = _fake_assets(tmp_path / "assets")
+    save_file(ema, assets / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
+
+    state_dir = export_unet_state(build, tmp_path / "state")
+    step = seed_build_from_shipped(tmp_path / "again", assets, state_dir)
+
+    assert step == 7
+    restored = torch.load(tmp_path / "again" / "unet.work" / "checkpoint.pt", weights_only=True)
+    assert all(torch.equal(restored["unet"][k], weights[k]) for k in weights)
+    assert all(torch.equal(restored["ema"][k], ema[k]) for k in ema)
+    for i, original in optimizer["state"].items():
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(restored["optimizer"]["state"][i][key], original[key])
+        assert float(restored["optimizer"]["state"][i]["step"]) == 7.0
+    assert restored["optimizer"]["param_groups"][0]["lr"] == 3e-4
+    assert torch.equal(restored["generator"], generator)
+    # Finished stages come from the assets, marked done so the build skips them.
+    for stage in ("tokenizer", "vae", "clip", "detector"):
+        assert (tmp_path / "again" / stage / "DONE").is_file()
+        assert (tmp_path / "again" / stage / "config.json").is_file()
