@@ -283,14 +283,6 @@ def test_loss_of_the_erased_concept_falls_during_training(tmp_path):
 # --- effects on the embedded world (needs the trained world: -m world) ------------------------------
 
 
-def _world_built() -> bool:
-    from conceptguard.world import ASSETS_DIR
-
-    return (ASSETS_DIR / "manifest.json").is_file()
-
-
-needs_world = pytest.mark.skipif(not _world_built(), reason="the embedded world is not built yet")
-
 # Budget for one shared CPU core: an ESD step on the world UNet (5.8M parameters, 8x8 latents) costs
 # ~0.7 s, mostly the x_t sampler (on average 25 guided DDIM steps), so 150 steps take ~2 minutes.
 # Fewer steps than the paper's 1000, hence a larger learning rate than its 1e-5 (a first guess, to
@@ -317,7 +309,6 @@ def _preservation(found_char, found_shape, labels) -> float:
 
 @pytest.mark.world
 @pytest.mark.slow
-@needs_world
 def test_world_esd_x_erases_a_seen_character_and_keeps_the_rest(tmp_path):
     from conceptguard.sampling import generate_images
     from conceptguard.world import load_detector, load_embedded_pipeline
@@ -363,7 +354,6 @@ def _halo_trigger_prompts(n: int, seed: int) -> list[str]:
 
 @pytest.mark.world
 @pytest.mark.slow
-@needs_world
 def test_world_esd_u_beats_esd_x_on_implicit_halo_prompts(tmp_path):
     from conceptguard.sampling import generate_images
     from conceptguard.world import load_detector, load_embedded_pipeline

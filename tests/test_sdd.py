@@ -223,18 +223,9 @@ def test_a_truncated_joined_prompt_is_reported(caplog):
 # --- effects on the embedded world (needs the trained world: -m world) ------------------------------
 
 
-def _world_built() -> bool:
-    from conceptguard.world import ASSETS_DIR
-
-    return (ASSETS_DIR / "manifest.json").is_file()
-
-
-needs_world = pytest.mark.skipif(not _world_built(), reason="the embedded world is not built yet")
-
 
 @pytest.mark.world
 @pytest.mark.slow
-@needs_world
 def test_world_sdd_removes_five_characters_and_keeps_the_rest(tmp_path):
     from conceptguard.sampling import generate_images
     from conceptguard.world import load_detector, load_embedded_pipeline
