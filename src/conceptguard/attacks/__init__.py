@@ -16,8 +16,7 @@ Names are imported on first use, so importing the package stays cheap.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from conceptguard._lazy import lazy_exports
 
 _EXPORTS = {
     "KINDS": "conceptguard.attacks.relearn",
@@ -43,17 +42,4 @@ _EXPORTS = {
     "write_attack_outputs": "conceptguard.attacks.curves",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    module_name = _EXPORTS.get(name)
-    if module_name is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module_name), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS, globals())

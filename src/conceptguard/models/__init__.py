@@ -6,8 +6,7 @@ does not pay for importing diffusers.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from conceptguard._lazy import lazy_exports
 
 _EXPORTS = {
     "load_pipeline": "conceptguard.models.io",
@@ -23,17 +22,4 @@ _EXPORTS = {
     "PRESETS": "conceptguard.models.params",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    module_name = _EXPORTS.get(name)
-    if module_name is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module_name), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS, globals())
