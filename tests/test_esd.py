@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from conceptguard.diffusion import encode_prompts
 from conceptguard.errors import ConceptGuardError
 from conceptguard.methods import apply_method
-from conceptguard.methods.esd import ESDConfig, ESDRecipe, apply, esd_parameters
+from conceptguard.models.params import select_for
+from conceptguard.methods.esd import ESDConfig, ESDRecipe, apply
 from conceptguard.methods.trajectory import PartialDDIM, empty_conditioning, latent_shape, module_predictor
 from conceptguard.models.tiny import build_tiny_pipeline
 from conceptguard.training import TrainConfig, latest_checkpoint, train
@@ -46,7 +47,7 @@ def quick(**overrides) -> TrainConfig:
 def ready_recipe(pipe, config: ESDConfig) -> ESDRecipe:
     from accelerate import Accelerator
 
-    recipe = ESDRecipe(pipe, config, list(esd_parameters(pipe.unet, config)))
+    recipe = ESDRecipe(pipe, config, list(select_for(pipe.unet, config)))
     recipe.setup(Accelerator(cpu=True))
     return recipe
 
@@ -274,7 +275,7 @@ def test_loss_of_the_erased_concept_falls_during_training(tmp_path):
             return float(np.mean([probe.loss_at(0, s).item() for s in samples]))
 
     before = probe_loss()
-    names = list(esd_parameters(pipe.unet, config))
+    names = list(select_for(pipe.unet, config))
     train(ESDRecipe(pipe, config, names), quick(steps=30, lr=3e-3), tmp_path)
     after = probe_loss()
     assert after < 0.5 * before, (before, after)

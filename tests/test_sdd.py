@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 
 from conceptguard.diffusion import encode_prompts
 from conceptguard.methods import apply_method
-from conceptguard.methods.sdd import I2P_CONCEPTS, SDDConfig, SDDRecipe, apply, sdd_parameters
+from conceptguard.models.params import select_for
+from conceptguard.methods.sdd import I2P_CONCEPTS, SDDConfig, SDDRecipe, apply
 from conceptguard.methods.trajectory import empty_conditioning
 from conceptguard.models.tiny import build_tiny_pipeline
 from conceptguard.training import TrainConfig, latest_checkpoint, train
@@ -44,7 +45,7 @@ def quick(**overrides) -> TrainConfig:
 def ready_recipe(pipe, config: SDDConfig) -> SDDRecipe:
     from accelerate import Accelerator
 
-    recipe = SDDRecipe(pipe, config, list(sdd_parameters(pipe.unet, config)))
+    recipe = SDDRecipe(pipe, config, list(select_for(pipe.unet, config)))
     recipe.setup(Accelerator(cpu=True))
     return recipe
 
@@ -144,7 +145,7 @@ class RecordingSDD(SDDRecipe):
 def test_saved_model_is_the_ema_of_the_student_trajectory(tmp_path):
     pipe = build_tiny_pipeline("sd1")
     config = SDDConfig(concepts=["a cat"], ema_decay=0.8, ddim_steps=5)
-    names = list(sdd_parameters(pipe.unet, config))
+    names = list(select_for(pipe.unet, config))
     initial = {n: p.detach().clone() for n, p in pipe.unet.named_parameters() if n in names}
     recipe = RecordingSDD(pipe, config, names)
     recipe.trajectory = []
@@ -216,7 +217,7 @@ def test_a_truncated_joined_prompt_is_reported(caplog):
     pipe = build_tiny_pipeline("sd1")  # its tokenizer reads 16 tokens
     with caplog.at_level("WARNING", logger="conceptguard.methods.sdd"):
         SDDRecipe(pipe, SDDConfig(concepts=["cat", "dog", "car", "tree", "house", "church", "bird", "horse"]),
-                  list(sdd_parameters(pipe.unet, SDDConfig())))
+                  list(select_for(pipe.unet, SDDConfig())))
     assert "cut off" in caplog.text
 
 

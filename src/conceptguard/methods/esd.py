@@ -48,7 +48,7 @@ from conceptguard.methods.trajectory import (
     module_predictor,
     train_config_with_defaults,
 )
-from conceptguard.models.params import select_parameters
+from conceptguard.models.params import select_for
 
 
 def _help(text: str) -> dict[str, str]:
@@ -173,11 +173,6 @@ class ESDRecipe:
         return self.loss_at(*self.draw(generator))
 
 
-def esd_parameters(unet, config: ESDConfig) -> dict[str, torch.nn.Parameter]:
-    return select_parameters(unet, config.variant, include=config.include, exclude=config.exclude,
-                             exclude_time_and_out=config.exclude_time_and_out)
-
-
 @register_method("esd", kind="erase", config=ESDConfig)
 def apply(pipe, config: ESDConfig, *, run_dir: str | Path, resume: bool = False, train_config=None,
           resolved_config: dict | None = None) -> MethodResult:
@@ -185,7 +180,7 @@ def apply(pipe, config: ESDConfig, *, run_dir: str | Path, resume: bool = False,
     from conceptguard.training.loop import train
 
     train_config = train_config or train_config_with_defaults(ESDConfig.default_train)
-    names = list(esd_parameters(pipe.unet, config))
+    names = list(select_for(pipe.unet, config))
     recipe = ESDRecipe(pipe, config, names)
     resolved = {"method": "esd", "esd": config_to_dict(config)}
     resolved.update(resolved_config or {})
@@ -202,4 +197,4 @@ def apply(pipe, config: ESDConfig, *, run_dir: str | Path, resume: bool = False,
     return MethodResult(changed=changed, summary=summary, metrics=metrics)
 
 
-__all__ = ["ESDConfig", "ESDRecipe", "apply", "esd_parameters"]
+__all__ = ["ESDConfig", "ESDRecipe", "apply"]

@@ -47,7 +47,7 @@ from conceptguard.methods.trajectory import (
     module_predictor,
     train_config_with_defaults,
 )
-from conceptguard.models.params import select_parameters
+from conceptguard.models.params import select_for
 
 logger = logging.getLogger(__name__)
 
@@ -189,11 +189,6 @@ def _warn_if_truncated(pipe, prompt: str) -> None:
             "the last concepts are cut off and will not be removed — use fewer or shorter concepts")
 
 
-def sdd_parameters(unet, config: SDDConfig) -> dict[str, torch.nn.Parameter]:
-    return select_parameters(unet, config.variant, include=config.include, exclude=config.exclude,
-                             exclude_time_and_out=config.exclude_time_and_out)
-
-
 @register_method("sdd", kind="erase", config=SDDConfig)
 def apply(pipe, config: SDDConfig, *, run_dir: str | Path, resume: bool = False, train_config=None,
           resolved_config: dict | None = None) -> MethodResult:
@@ -201,7 +196,7 @@ def apply(pipe, config: SDDConfig, *, run_dir: str | Path, resume: bool = False,
     from conceptguard.training.loop import train
 
     train_config = train_config or train_config_with_defaults(SDDConfig.default_train)
-    names = list(sdd_parameters(pipe.unet, config))
+    names = list(select_for(pipe.unet, config))
     recipe = SDDRecipe(pipe, config, names)
     resolved = {"method": "sdd", "sdd": config_to_dict(config)}
     resolved.update(resolved_config or {})
@@ -217,4 +212,4 @@ def apply(pipe, config: SDDConfig, *, run_dir: str | Path, resume: bool = False,
     return MethodResult(changed=changed, summary=summary, metrics=metrics)
 
 
-__all__ = ["I2P_CONCEPTS", "SDDConfig", "SDDRecipe", "apply", "sdd_parameters"]
+__all__ = ["I2P_CONCEPTS", "SDDConfig", "SDDRecipe", "apply"]

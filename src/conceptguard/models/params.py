@@ -122,3 +122,10 @@ def freeze_all_but(unet: torch.nn.Module, names: Iterable[str]) -> list[torch.nn
     for name, param in all_params.items():
         param.requires_grad_(name in wanted)
     return [all_params[name] for name in sorted(wanted)]
+
+
+def select_for(unet: torch.nn.Module, config) -> dict[str, torch.nn.Parameter]:
+    """The selection a method config describes with ``variant``, ``include``, ``exclude`` and
+    ``exclude_time_and_out`` (ESD, SDD)."""
+    return select_parameters(unet, config.variant, include=config.include, exclude=config.exclude,
+                             exclude_time_and_out=config.exclude_time_and_out)
