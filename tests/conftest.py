@@ -47,6 +47,21 @@ def tiny_sd1_dir(tiny_sd1, tmp_path_factory):
     return folder
 
 
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps process-wide state; a test that trains gets a clean one (use it with
+    ``pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")``)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    def reset():
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+    reset()
+    yield
+    reset()
+
+
 def pytest_collection_modifyitems(config, items):
     """World-effect tests measure the trained embedded world; without its weights they cannot run."""
     from conceptguard.world import ASSETS_DIR

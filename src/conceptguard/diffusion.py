@@ -127,6 +127,37 @@ def prepare_trainable(pipe, parameter_names: Sequence[str], device) -> dict[str,
     return chosen
 
 
+def _checkpoint_with_current_weights(block: torch.nn.Module, *args):
+    """diffusers' per-block activation checkpointing, correct under ``torch.func.functional_call``.
+
+    The stock function recomputes ``block`` during backward with whatever weights the block holds
+    *then*; under ``functional_call`` (ESD's frozen model, FreezeAsGuard's live weights) those are no
+    longer the weights of the forward pass, and the gradients come out silently wrong. The weights
+    in use now are captured and handed to the recomputation explicitly.
+    """
+    import torch.utils.checkpoint
+    from torch.func import functional_call
+
+    weights = {**dict(block.named_parameters()), **dict(block.named_buffers())}
+
+    def recompute(*inputs):
+        return functional_call(block, weights, inputs)
+
+    return torch.utils.checkpoint.checkpoint(recompute, *args, use_reentrant=False)
+
+
+def set_gradient_checkpointing(unet, enable: bool) -> None:
+    """Turn activation checkpointing of ``unet``'s blocks on or off (only gradient-enabled calls use it).
+
+    Activations of each block are recomputed during backward instead of kept: less memory for
+    about one more forward pass of time.
+    """
+    if enable:
+        unet.enable_gradient_checkpointing(_checkpoint_with_current_weights)
+    else:
+        unet.disable_gradient_checkpointing()
+
+
 @contextmanager
 def eval_mode(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """Run ``module`` in eval mode (e.g. to sample latents mid-training), then restore its mode."""

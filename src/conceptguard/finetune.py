@@ -27,6 +27,7 @@ from conceptguard.diffusion import (
     encode_images,
     encode_prompts,
     prepare_trainable,
+    set_gradient_checkpointing,
     training_scheduler,
     training_target,
     unet_predict,
@@ -109,6 +110,9 @@ class TextToImageRecipe:
 
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
         return self.trainable
+
+    def set_gradient_checkpointing(self, enable: bool) -> None:
+        set_gradient_checkpointing(self.pipe.unet, enable)
 
     def loss(self, step: int, generator: torch.Generator) -> torch.Tensor:
         return self.data.loss(lambda noisy, t, cond: unet_predict(self.unet, noisy, t, cond), self.batch_size,

@@ -36,6 +36,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch.func import functional_call
 
+from conceptguard.diffusion import set_gradient_checkpointing
 from conceptguard.errors import ConceptGuardError
 from conceptguard.guard.maskfile import GuardMask, build_manifest, describe_data, top_k_frozen
 from conceptguard.training.loop import TrainConfig, TrainResult, train
@@ -220,6 +221,10 @@ class MaskLearningRecipe:
 
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
         return {"mask_logits": self.masked.logits}
+
+    def set_gradient_checkpointing(self, enable: bool) -> None:
+        # Correct with the live weights handed in through functional_call: see set_gradient_checkpointing.
+        set_gradient_checkpointing(self.pipe.unet, enable)
 
     # --- losses ------------------------------------------------------------------------------
 

@@ -14,6 +14,10 @@ itself), which shifts its scale by one: its ``eta = 2`` is the paper's ``eta = 1
 ``x_t`` comes from DDIM (50 steps, CFG 3, eta 0) on the concept's prompt, stopped after
 ``k ~ U{0..49}`` steps, run by the model being trained (``sampler="model"``, the paper) or by the
 frozen model (``sampler="frozen"``, the newest code); see :mod:`conceptguard.methods.trajectory`.
+With the frozen sampler, ``trajectory_pool=K`` samples ``K`` whole trajectories per concept in one
+batch and hands out their states one per step: the same distribution of ``x_t`` for a fraction of
+the sampling cost (the frozen model never changes, so a state sampled early is as good as one
+sampled late).
 
 The loss is computed in the UNet's own output space (epsilon, or v for SD 2.x-v): the target is an
 affine combination whose weights sum to one, so converting every term to epsilon gives the same
@@ -36,12 +40,20 @@ import torch
 import torch.nn.functional as F
 
 from conceptguard.config import config_to_dict
-from conceptguard.diffusion import Conditioning, encode_prompts, eval_mode, prepare_trainable
+from conceptguard.diffusion import (
+    Conditioning,
+    encode_prompts,
+    eval_mode,
+    prepare_trainable,
+    set_gradient_checkpointing,
+)
 from conceptguard.errors import ConceptGuardError
 from conceptguard.methods import MethodResult, register_method
 from conceptguard.methods.trajectory import (
     PartialDDIM,
+    TrajectoryPool,
     TrajectorySample,
+    compile_predictor,
     empty_conditioning,
     functional_predictor,
     latent_shape,
@@ -73,6 +85,14 @@ class ESDConfig:
         "which model samples x_t: model (the one being trained, paper) or frozen (newest code)"))
     ddim_steps: int = field(default=50, metadata=_help("DDIM steps of the x_t sampler"))
     sample_guidance: float = field(default=3.0, metadata=_help("classifier-free guidance of the x_t sampler"))
+    trajectory_pool: int = field(default=0, metadata=_help(
+        "whole x_t trajectories per concept, sampled in one batch, one state used per step (ESD: with sampler "
+        "frozen); 0 samples x_t afresh every step (the papers)"))
+    pool_refresh: int = field(default=0, metadata=_help(
+        "training steps after which a concept's trajectory pool is sampled again, when next drawn "
+        "(0: once every state has been used)"))
+    compile_sampler: bool = field(default=False, metadata=_help(
+        "torch.compile the x_t sampler's UNet calls with CUDA graphs (GPU only; ignored on the CPU)"))
     include: list[str] = field(default_factory=list, metadata=_help("narrow the variant to these name patterns"))
     exclude: list[str] = field(default_factory=list, metadata=_help("keep parameters matching these patterns frozen"))
     exclude_time_and_out: bool = field(default=False, metadata=_help(
@@ -97,6 +117,12 @@ class ESDConfig:
             raise ValueError(f"sampler must be model or frozen; got {self.sampler!r}")
         if not isinstance(self.ddim_steps, int) or self.ddim_steps < 1:
             raise ValueError(f"ddim_steps must be a positive integer, got {self.ddim_steps!r}")
+        for name in ("trajectory_pool", "pool_refresh"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
+        if self.trajectory_pool and self.sampler != "frozen":
+            # States sampled by the model being trained would lag it by up to K * ddim_steps steps.
+            raise ValueError("trajectory_pool needs sampler='frozen': the model being trained changes every step")
         if self.erase_from and len(self.erase_from) not in (1, len(self.concepts)):
             raise ValueError(f"erase_from needs one anchor or one per concept ({len(self.concepts)}), "
                              f"got {len(self.erase_from)}")
@@ -118,6 +144,8 @@ class ESDRecipe:
         self.config = config
         self.parameter_names = list(parameter_names)
         self.sampler = PartialDDIM(pipe.scheduler.config, config.ddim_steps, config.sample_guidance)
+        self.pools = [TrajectoryPool(self.sampler, config.trajectory_pool, config.pool_refresh)
+                      for _ in config.concepts] if config.trajectory_pool else []
 
     def setup(self, accelerator) -> None:
         pipe, device = self.pipe, accelerator.device
@@ -140,17 +168,25 @@ class ESDRecipe:
         self.frozen_predict = functional_predictor(self.base_unet, self.frozen)
         self.live_predict = module_predictor(self.base_unet)
         self.train_predict = module_predictor(self.unet)  # the prepared module: DDP syncs its gradients
+        self.sample_predict = self.live_predict if self.config.sampler == "model" else self.frozen_predict
+        if self.config.compile_sampler:
+            self.sample_predict = compile_predictor(self.sample_predict, device)
 
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
         return self.trainable
 
-    def draw(self, generator: torch.Generator) -> tuple[int, TrajectorySample]:
-        """Pick a concept and sample its on-trajectory latent and timestep."""
+    def set_gradient_checkpointing(self, enable: bool) -> None:
+        set_gradient_checkpointing(self.pipe.unet, enable)
+
+    def draw(self, generator: torch.Generator, step: int = 1) -> tuple[int, TrajectorySample]:
+        """Pick a concept and sample its on-trajectory latent and timestep (or take one from its pool)."""
         index = int(torch.randint(0, len(self.cond), (1,), generator=generator))
         with eval_mode(self.base_unet):
-            predict = self.live_predict if self.config.sampler == "model" else self.frozen_predict
-            sample = self.sampler.sample(predict, self.prompt[index], self.empty, generator, self.shape,
-                                         device=self.device)
+            args = (self.sample_predict, self.prompt[index], self.empty, generator, self.shape)
+            if self.pools:
+                sample = self.pools[index].draw(*args, step=step, device=self.device)
+            else:
+                sample = self.sampler.sample(*args, device=self.device)
         return index, sample
 
     def target(self, index: int, latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
@@ -170,7 +206,15 @@ class ESDRecipe:
         return F.mse_loss(prediction.float(), target)
 
     def loss(self, step: int, generator: torch.Generator) -> torch.Tensor:
-        return self.loss_at(*self.draw(generator))
+        return self.loss_at(*self.draw(generator, step))
+
+    # The trajectory pools are checkpointed so that a resumed run hands out the same states.
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v for i, pool in enumerate(self.pools) for k, v in pool.state_dict(f"pool.{i}.").items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for i, pool in enumerate(self.pools):
+            pool.load_state_dict(state, f"pool.{i}.", self.device)
 
 
 @register_method("esd", kind="erase", config=ESDConfig)
@@ -190,8 +234,9 @@ def apply(pipe, config: ESDConfig, *, run_dir: str | Path, resume: bool = False,
     live = dict(pipe.unet.named_parameters())
     changed = [f"unet.{name}" for name in names if not torch.equal(live[name], recipe.frozen[name])]
     concepts = ", ".join(repr(c) for c in config.concepts)
+    pool = f", pooled from {config.trajectory_pool} trajectories per concept" if config.trajectory_pool else ""
     summary = (f"ESD-{config.variant} erased {concepts} (eta {config.eta:g}, x_t from the "
-               f"{'trained' if config.sampler == 'model' else 'frozen'} model) in {result.steps_done} steps; "
+               f"{'trained' if config.sampler == 'model' else 'frozen'} model{pool}) in {result.steps_done} steps; "
                f"{len(changed)} UNet tensors changed.")
     metrics = {"final_loss": result.final_loss, "steps": result.steps_done, "run_dir": str(result.run_dir)}
     return MethodResult(changed=changed, summary=summary, metrics=metrics)

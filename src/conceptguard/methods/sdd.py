@@ -20,6 +20,11 @@ Recipes (TrainConfig): the paper's 1500 steps of AdamW (lr 1e-5, betas 0.9/0.999
 norm clipped to 1 as in the authors' code. The paper's *fast* recipe is 1000 steps at a constant
 lr with ``ema_decay=0.998``: ``--ema-decay 0.998 --steps 1000 --lr-schedule constant --warmup-steps 0``.
 
+Speed: ``trajectory_pool=K`` has the teacher sample ``K`` whole trajectories per concept in one
+batch and hands out their states one per step, sampled again every ``pool_refresh`` steps (default
+50), so the states lag the slowly moving teacher by at most that many steps; see
+:class:`~conceptguard.methods.trajectory.TrajectoryPool`.
+
 Memory: the teacher is not a second UNet. Only the trained tensors have an EMA copy; the teacher
 runs the live UNet with the EMA values swapped in through ``torch.func.functional_call``.
 """
@@ -35,12 +40,14 @@ import torch
 import torch.nn.functional as F
 
 from conceptguard.config import config_to_dict
-from conceptguard.diffusion import encode_prompts, eval_mode, prepare_trainable
+from conceptguard.diffusion import encode_prompts, eval_mode, prepare_trainable, set_gradient_checkpointing
 from conceptguard.errors import ConceptGuardError
 from conceptguard.methods import MethodResult, register_method
 from conceptguard.methods.trajectory import (
     PartialDDIM,
+    TrajectoryPool,
     TrajectorySample,
+    compile_predictor,
     empty_conditioning,
     functional_predictor,
     latent_shape,
@@ -76,6 +83,14 @@ class SDDConfig:
         "decay of the EMA teacher, updated every step (0.998 for the paper's fast recipe)"))
     ddim_steps: int = field(default=50, metadata=_help("DDIM steps of the z_t sampler"))
     sample_guidance: float = field(default=3.0, metadata=_help("classifier-free guidance of the z_t sampler"))
+    trajectory_pool: int = field(default=0, metadata=_help(
+        "whole x_t trajectories per concept, sampled in one batch, one state used per step (ESD: with sampler "
+        "frozen); 0 samples x_t afresh every step (the papers)"))
+    pool_refresh: int = field(default=50, metadata=_help(
+        "training steps after which a concept's trajectory pool is sampled again, when next drawn "
+        "(0: once every state has been used)"))
+    compile_sampler: bool = field(default=False, metadata=_help(
+        "torch.compile the x_t sampler's UNet calls with CUDA graphs (GPU only; ignored on the CPU)"))
     include: list[str] = field(default_factory=list, metadata=_help("narrow the variant to these name patterns"))
     exclude: list[str] = field(default_factory=list, metadata=_help("keep parameters matching these patterns frozen"))
     exclude_time_and_out: bool = field(default=True, metadata=_help(
@@ -97,6 +112,9 @@ class SDDConfig:
             raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
         if not isinstance(self.ddim_steps, int) or self.ddim_steps < 1:
             raise ValueError(f"ddim_steps must be a positive integer, got {self.ddim_steps!r}")
+        for name in ("trajectory_pool", "pool_refresh"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
 
     @property
     def joined_prompt(self) -> str:
@@ -113,6 +131,8 @@ class SDDRecipe:
         self.config = config
         self.parameter_names = list(parameter_names)
         self.sampler = PartialDDIM(pipe.scheduler.config, config.ddim_steps, config.sample_guidance)
+        self.pools = [TrajectoryPool(self.sampler, config.trajectory_pool, config.pool_refresh)
+                      for _ in config.concepts] if config.trajectory_pool else []
         _warn_if_truncated(pipe, config.joined_prompt)
 
     def setup(self, accelerator) -> None:
@@ -133,16 +153,25 @@ class SDDRecipe:
         self.teacher_predict = functional_predictor(self.base_unet, self.ema)
         self.student_predict = module_predictor(self.base_unet)
         self.train_predict = module_predictor(self.unet)  # the prepared module: DDP syncs its gradients
+        self.sample_predict = self.teacher_predict
+        if self.config.compile_sampler:
+            self.sample_predict = compile_predictor(self.teacher_predict, device)
 
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
         return self.trainable
 
-    def draw(self, generator: torch.Generator) -> tuple[int, TrajectorySample]:
-        """Pick ONE concept and let the teacher sample its on-trajectory latent."""
+    def set_gradient_checkpointing(self, enable: bool) -> None:
+        set_gradient_checkpointing(self.pipe.unet, enable)
+
+    def draw(self, generator: torch.Generator, step: int = 1) -> tuple[int, TrajectorySample]:
+        """Pick ONE concept and let the teacher sample its on-trajectory latent (or take one from its pool)."""
         index = int(torch.randint(0, len(self.cond), (1,), generator=generator))
         with eval_mode(self.base_unet):
-            sample = self.sampler.sample(self.teacher_predict, self.cond[index], self.empty, generator, self.shape,
-                                         device=self.device)
+            args = (self.sample_predict, self.cond[index], self.empty, generator, self.shape)
+            if self.pools:
+                sample = self.pools[index].draw(*args, step=step, device=self.device)
+            else:
+                sample = self.sampler.sample(*args, device=self.device)
         return index, sample
 
     def loss_at(self, sample: TrajectorySample) -> torch.Tensor:
@@ -152,7 +181,7 @@ class SDDRecipe:
         return F.mse_loss(prediction.float(), target)
 
     def loss(self, step: int, generator: torch.Generator) -> torch.Tensor:
-        _, sample = self.draw(generator)
+        _, sample = self.draw(generator, step)
         return self.loss_at(sample)
 
     @torch.no_grad()
@@ -163,15 +192,20 @@ class SDDRecipe:
             ema.mul_(decay).add_(live[name].detach(), alpha=1.0 - decay)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {f"ema.{name}": tensor for name, tensor in self.ema.items()}
+        state = {f"ema.{name}": tensor for name, tensor in self.ema.items()}
+        for i, pool in enumerate(self.pools):  # so that a resumed run hands out the same states
+            state.update(pool.state_dict(f"pool.{i}."))
+        return state
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         expected = {f"ema.{name}" for name in self.ema}
-        if set(state) != expected:
+        if {key for key in state if key.startswith("ema.")} != expected:
             raise ConceptGuardError("the checkpoint's EMA teacher does not match this SDD run's trained parameters")
         for name, ema in self.ema.items():
             ema.copy_(state[f"ema.{name}"])
+        for i, pool in enumerate(self.pools):
+            pool.load_state_dict(state, f"pool.{i}.", self.device)
 
     @torch.no_grad()
     def copy_teacher_into_model(self) -> None:

@@ -13,17 +13,30 @@ inside interval ``k = [980 - 20k, 999 - 20k]``.
 
 All randomness (``k``, ``x_T``, ``t``) comes from the caller's CPU generator, so a training run
 is reproducible and resumes bit for bit.
+
+Speed (``docs/performance.md``): sampling ``x_t`` costs ``k`` batch-2 UNet calls per training step
+(25 on average), several times the training step itself. Two switches cut it:
+
+- :class:`TrajectoryPool`: a trajectory passes through a state at *every* DDIM step, so ``K``
+  whole trajectories sampled in one batch hold ``K * steps`` training latents. When the sampling
+  model does not change (ESD's frozen sampler) each pooled state is exactly a draw of the per-step
+  sampler; only states of one trajectory share their ``x_T``.
+- :func:`compile_predictor`: ``torch.compile`` with CUDA graphs for the sampler's small no-grad
+  UNet calls, which are launch-bound on a GPU. A no-op off CUDA.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import logging
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from conceptguard.diffusion import Conditioning, encode_prompts, is_sdxl
+
+logger = logging.getLogger(__name__)
 
 # (latents, timesteps, conditioning) -> the UNet's raw output (epsilon, v or sample, per the scheduler)
 Predictor = Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.Tensor]
@@ -72,16 +85,95 @@ class PartialDDIM:
         latents = latents * self.scheduler.init_noise_sigma
         low, high = self.interval(k)
         timestep = torch.randint(low, high + 1, (1,), generator=generator).to(device)
+        for latents in self._steps(predict, cond, uncond, latents, k):  # k = 0 keeps the noise itself
+            pass
+        return TrajectorySample(latents, timestep, k, (low, high))
 
-        # One batched UNet call per step for both CFG branches.
-        both = Conditioning.cat([uncond, cond]).to(device=device)
+    @torch.no_grad()
+    def trajectories(self, predict: Predictor, cond: Conditioning, uncond: Conditioning,
+                     noise: torch.Tensor) -> torch.Tensor:
+        """Every state of the guided trajectories from ``noise`` (B, C, H, W), all B in one batch.
+
+        Returns (B, num_steps, C, H, W): entry ``[:, k]`` is the latent after ``k`` steps, what
+        :meth:`sample` returns for that ``k`` and the same initial noise (``[:, 0]`` is the noise).
+        """
+        latents = noise * self.scheduler.init_noise_sigma
+        states = [latents]
+        states.extend(self._steps(predict, cond, uncond, latents, self.num_steps - 1))
+        return torch.stack(states, dim=1)
+
+    def _steps(self, predict: Predictor, cond: Conditioning, uncond: Conditioning, latents: torch.Tensor,
+               k: int) -> Iterator[torch.Tensor]:
+        """The latents after each of the first ``k`` guided DDIM steps from ``latents`` (B, C, H, W)."""
+        batch, device, dtype = latents.shape[0], latents.device, latents.dtype
+        # One batched UNet call per step for both CFG branches of every trajectory.
+        both = Conditioning.cat([uncond] * batch + [cond] * batch).to(device=device)
         for t in self.scheduler.timesteps[:k]:
-            out = predict(torch.cat([latents, latents]), t.reshape(1).repeat(2).to(device), both)
+            out = predict(torch.cat([latents, latents]), t.reshape(1).repeat(2 * batch).to(device), both)
             out_uncond, out_cond = out.float().chunk(2)
             guided = out_uncond + self.guidance_scale * (out_cond - out_uncond)
             # DDIM's step converts epsilon / v / sample outputs itself, per the prediction type.
             latents = self.scheduler.step(guided, t, latents.float(), eta=0.0).prev_sample.to(dtype)
-        return TrajectorySample(latents, timestep, k, (low, high))
+            yield latents
+
+
+class TrajectoryPool:
+    """Whole trajectories of one prompt, sampled ``size`` at a time, handed out one state per draw.
+
+    A draw takes a state not used yet — trajectory ``j`` after ``k`` steps, in an order drawn from
+    the generator, so every ``k`` comes up equally often — and draws ``t`` in step ``k``'s interval
+    exactly as :meth:`PartialDDIM.sample` does. The pool is sampled again, from fresh noise and
+    with the predictor of that moment, once all ``size * num_steps`` states have been used, or
+    when ``refresh`` training steps have passed since it was sampled: a model that changes during
+    training, like SDD's EMA teacher, is then at most ``refresh`` steps behind the states handed out.
+
+    All randomness comes from the caller's generator, and :meth:`state_dict` holds everything
+    else, so a run with a pool is reproducible and resumes bit for bit.
+    """
+
+    def __init__(self, sampler: PartialDDIM, size: int, refresh: int = 0):
+        if size < 1:
+            raise ValueError(f"a trajectory pool needs at least one trajectory, got {size}")
+        if refresh < 0:
+            raise ValueError(f"pool refresh must be >= 0 (0: when every state is used), got {refresh}")
+        self.sampler = sampler
+        self.size = size
+        self.refresh = refresh
+        self.capacity = size * sampler.num_steps  # states per fill
+        self.states: torch.Tensor | None = None  # (size, num_steps, C, H, W)
+        self.order = torch.zeros(0, dtype=torch.long)  # flat indices j * num_steps + k, in draw order
+        self.used = 0  # draws taken from the current states
+        self.filled_at = 0  # the training step of the last fill
+        self.fills = 0  # how often the pool was sampled (for tests and benchmarks)
+
+    def draw(self, predict: Predictor, cond: Conditioning, uncond: Conditioning, generator: torch.Generator,
+             shape: tuple[int, ...], *, step: int, device, dtype=torch.float32) -> TrajectorySample:
+        """One state for training step ``step`` (sampling the pool first when it is used up or too old)."""
+        stale = self.refresh and step - self.filled_at >= self.refresh
+        if self.states is None or self.used >= self.capacity or stale:
+            noise = torch.randn((self.size, *shape[1:]), generator=generator).to(device=device, dtype=dtype)
+            self.states = self.sampler.trajectories(predict, cond, uncond, noise)
+            self.order = torch.randperm(self.capacity, generator=generator)
+            self.used, self.filled_at, self.fills = 0, step, self.fills + 1
+        j, k = divmod(int(self.order[self.used]), self.sampler.num_steps)
+        self.used += 1
+        low, high = self.sampler.interval(k)
+        timestep = torch.randint(low, high + 1, (1,), generator=generator).to(device)
+        return TrajectorySample(self.states[j, k][None], timestep, k, (low, high))
+
+    def state_dict(self, prefix: str) -> dict[str, torch.Tensor]:
+        if self.states is None:
+            return {}
+        return {f"{prefix}states": self.states, f"{prefix}order": self.order,
+                f"{prefix}counters": torch.tensor([self.used, self.filled_at, self.fills])}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor], prefix: str, device) -> None:
+        if f"{prefix}states" not in state:  # saved before this pool was first filled
+            self.states, self.used, self.filled_at, self.fills = None, 0, 0, 0
+            return
+        self.states = state[f"{prefix}states"].to(device)
+        self.order = state[f"{prefix}order"].clone()
+        self.used, self.filled_at, self.fills = (int(v) for v in state[f"{prefix}counters"])
 
 
 def latent_shape(unet, batch_size: int = 1) -> tuple[int, int, int, int]:
@@ -116,6 +208,31 @@ def functional_predictor(unet, values: Mapping[str, torch.Tensor]) -> Predictor:
         return functional_call(unet, dict(values), (latents, timesteps), kwargs).sample
 
     return predict
+
+
+def compile_predictor(predict: Predictor, device) -> Predictor:
+    """``predict`` compiled for the sampler's many small no-grad calls, on CUDA; elsewhere ``predict``.
+
+    A batch-2 UNet call at SD scale is bound by kernel launches, which CUDA graphs
+    (``mode="reduce-overhead"``) replay at once. Off CUDA there are no graphs to gain, and compiling
+    a UNet on a CPU takes longer than the sampling it would speed up, so the switch is a no-op there.
+    """
+    if torch.device(device).type != "cuda":
+        logger.info("compile_sampler: not on CUDA, sampling uncompiled")
+        return predict
+
+    # Tensors in, tensors out: the conditioning is unpacked so the compiled graph's inputs are plain.
+    def tensors_predict(latents, timesteps, embeds, pooled, time_ids):
+        return predict(latents, timesteps, Conditioning(embeds, pooled, time_ids))
+
+    compiled = torch.compile(tensors_predict, mode="reduce-overhead")
+
+    def run(latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        # Each call is a new step for CUDA graph trees: the previous call's output is consumed by then.
+        torch.compiler.cudagraph_mark_step_begin()
+        return compiled(latents, timesteps, cond.embeds, cond.pooled, cond.time_ids).clone()
+
+    return run
 
 
 def module_predictor(unet) -> Predictor:

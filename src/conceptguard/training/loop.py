@@ -40,11 +40,12 @@ from conceptguard.training import checkpoint as ckpt
 
 logger = get_logger(__name__)
 
-# TrainConfig fields that may change when resuming: they decide how long to train and what gets
-# written, not what the optimizer computes.
+# TrainConfig fields that may change when resuming: they decide how long to train, what gets
+# written and how much memory it takes, not what the optimizer computes.
 RESUMABLE_CHANGES = frozenset(
     f"train.{name}"
-    for name in ("steps", "checkpoint_every", "keep_checkpoints", "log_every", "tensorboard", "progress"))
+    for name in ("steps", "checkpoint_every", "keep_checkpoints", "log_every", "tensorboard", "progress",
+                 "gradient_checkpointing"))
 
 
 @runtime_checkable
@@ -74,6 +75,9 @@ class Recipe(Protocol):
         Runs after each applied optimizer step, e.g. an EMA-teacher update or a projection.
     ``state_dict() -> {name: tensor}`` / ``load_state_dict(state)``
         Extra tensors to checkpoint (e.g. EMA weights); ``load_state_dict`` gets them on the CPU.
+    ``set_gradient_checkpointing(enable)``
+        Turn activation checkpointing of the trained model on or off; needed for
+        ``gradient_checkpointing=True``. Called before ``setup`` and again (off) when training ends.
 
     A recipe should not itself be an ``nn.Module``: its ``state_dict`` would then checkpoint every
     weight of the module, frozen ones included.
@@ -108,6 +112,8 @@ class TrainConfig:
         default=1.0, metadata=_help("clip the global gradient norm to this; 0 disables clipping"))
     mixed_precision: Literal["no", "bf16", "fp16"] = field(
         default="no", metadata=_help("autocast the forward pass to bf16 or fp16 (weights stay fp32); fp16 needs a GPU"))
+    gradient_checkpointing: bool = field(default=False, metadata=_help(
+        "recompute UNet activations during backward instead of keeping them: less memory, about a third more time"))
     seed: int = field(default=0, metadata=_help("random seed (process i uses seed + i for its generator)"))
     checkpoint_every: int = field(default=500, metadata=_help("save a resumable checkpoint every N steps"))
     keep_checkpoints: int = field(default=2, metadata=_help("how many of the newest checkpoints to keep"))
@@ -144,7 +150,7 @@ class TrainConfig:
         _check_choice("optimizer", self.optimizer, ("adam", "adamw", "sgd"))
         _check_choice("lr_schedule", self.lr_schedule, ("constant", "cosine", "linear"))
         _check_choice("mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
-        for name in ("tensorboard", "progress"):
+        for name in ("gradient_checkpointing", "tensorboard", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
@@ -184,6 +190,8 @@ def train(
     Raises ConceptGuardError, without applying the step, when the loss or gradient norm stops being finite.
     """
     run_dir = Path(run_dir)
+    if config.gradient_checkpointing and not hasattr(recipe, "set_gradient_checkpointing"):
+        raise ConceptGuardError(f"{type(recipe).__name__} does not support gradient_checkpointing; turn it off")
     owns_accelerator = accelerator is None
     if accelerator is None:
         accelerator = _make_accelerator(config)
@@ -191,9 +199,14 @@ def train(
     summary_writer_cls = _summary_writer_cls() if config.tensorboard else None
     run_config = _run_config(config, resolved_config)
     resume_from = _resume_checkpoint(run_dir, run_config, config, resume, allow_config_changes)
+    if config.gradient_checkpointing:
+        recipe.set_gradient_checkpointing(True)
     try:
         return _train(recipe, config, run_dir, accelerator, run_config, resume_from, summary_writer_cls)
     finally:
+        if config.gradient_checkpointing:
+            # The model outlives the run: whoever fine-tunes it next should not pay for the recomputation.
+            recipe.set_gradient_checkpointing(False)
         if owns_accelerator:
             accelerator.free_memory()  # drops its references to the prepared models and optimizer
 
