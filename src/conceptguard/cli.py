@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "erase": ("conceptguard.commands.erase", "erase concepts from a model's weights (ESD, SDD, UCE)"),
     "immunize": ("conceptguard.commands.immunize", "make concepts hard to re-learn by fine-tuning (IMMA, MIMA)"),
     "guard": ("conceptguard.commands.guard", "learn a FreezeAsGuard mask of tensors to freeze"),
+    "stack": ("conceptguard.commands.stack", "erase, immunize and guard in one run, from one config file"),
     "finetune": ("conceptguard.commands.finetune", "fine-tune a model, optionally under a guard mask"),
     "attack": ("conceptguard.commands.attack", "red-team a model: re-learning and adversarial-prompt attacks"),
     "eval": ("conceptguard.commands.eval", "measure erasure, preservation and quality on seeded images"),
