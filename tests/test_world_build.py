@@ -1,4 +1,4 @@
-"""Continuing the shipped world: the UNet's training state leaves the build folder and comes back
+"""Continuing the shipped world: the UNet's (and text encoder's) training state leaves the build folder and comes back
 bit for bit, with every finished stage taken from the shipped assets."""
 
 import json
@@ -10,7 +10,7 @@ from conceptguard.world.build import export_unet_state, seed_build_from_shipped
 
 
 def _fake_assets(root):
-    for folder in ("pipeline/tokenizer", "pipeline/vae", "pipeline/unet", "clip", "detector"):
+    for folder in ("pipeline/tokenizer", "pipeline/vae", "pipeline/unet", "pipeline/text_encoder", "clip", "detector"):
         (root / folder).mkdir(parents=True)
         (root / folder / "config.json").write_text(json.dumps({"folder": folder}))
     return root
@@ -26,12 +26,21 @@ def test_unet_state_round_trips_through_the_repository(tmp_path):
     generator = torch.Generator().manual_seed(3).get_state()
     build = tmp_path / "build"
     (build / "unet.work").mkdir(parents=True)
-    torch.save({"unet": weights, "ema": ema, "optimizer": optimizer, "generator": generator, "step": 7},
+    text = {"embed.weight": torch.randn(5, 2), "position_ids": torch.arange(3)}  # an integer buffer too
+    text_ema = {"embed.weight": text["embed.weight"] - 1, "position_ids": text["position_ids"]}
+    text_optimizer = {"state": {0: {"step": torch.tensor(2.0), "exp_avg": torch.randn(5, 2), "exp_avg_sq": torch.rand(5, 2)}},
+                      "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.999), "weight_decay": 0.0, "params": [0]}]}
+    torch.save({"unet": weights, "ema": ema, "optimizer": optimizer, "generator": generator, "step": 7,
+                "text_encoder": text, "text_ema": text_ema, "text_optimizer": text_optimizer},
                build / "unet.work" / "checkpoint.pt")
     assets = _fake_assets(tmp_path / "assets")
     save_file(ema, assets / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
+    save_file(text_ema, assets / "pipeline" / "text_encoder" / "model.safetensors")
 
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "adam_exp_avg.safetensors").write_bytes(b"an older export's file")
     state_dir = export_unet_state(build, tmp_path / "state")
+    assert not (state_dir / "adam_exp_avg.safetensors").exists()
     step = seed_build_from_shipped(tmp_path / "again", assets, state_dir)
 
     assert step == 7
@@ -44,6 +53,10 @@ def test_unet_state_round_trips_through_the_repository(tmp_path):
         assert float(restored["optimizer"]["state"][i]["step"]) == 7.0
     assert restored["optimizer"]["param_groups"][0]["lr"] == 3e-4
     assert torch.equal(restored["generator"], generator)
+    assert all(torch.equal(restored["text_encoder"][k], text[k]) for k in text)
+    assert all(torch.equal(restored["text_ema"][k], text_ema[k]) for k in text_ema)
+    assert torch.equal(restored["text_optimizer"]["state"][0]["exp_avg"], text_optimizer["state"][0]["exp_avg"])
+    assert restored["text_optimizer"]["param_groups"][0]["lr"] == 1e-3
     # Finished stages come from the assets, marked done so the build skips them.
     for stage in ("tokenizer", "vae", "clip", "detector"):
         assert (tmp_path / "again" / stage / "DONE").is_file()

@@ -26,8 +26,6 @@ def character_rate(pipe, name: str, n: int = 24, seed: int = 77) -> float:
     return float(np.mean([c == name for c in detect(load_detector(), images)["character"]]))
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped world reaches 29% (bar 70%) after 500 steps: its UNet is "
-                   "under-trained (issue #3 open)")
 def test_plain_model_learns_a_held_out_character_by_fine_tuning(tmp_path):
     pipe = load_embedded_pipeline()
     before = character_rate(pipe, CHARACTER)

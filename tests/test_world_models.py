@@ -83,8 +83,6 @@ def test_world_clip_prefers_the_matching_caption():
     assert top1 >= 0.5, top1
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped world (9,000 CPU steps) is below its bar: shape 16%, colour 86%, "
-                   "style 70% of prompts (issue #3 open)")
 def test_quality_bar_on_a_seeded_sample(pipe):
     scores = measure_quality(pipe, load_detector(), n_per_concept=3, seed=123, num_inference_steps=25)
     print(json.dumps(scores))

@@ -86,9 +86,13 @@ def _build(args) -> int:
         if staging.exists():
             shutil.rmtree(staging)
         shutil.copytree(result, staging)
-        if ASSETS_DIR.exists():
-            shutil.rmtree(ASSETS_DIR)
+        old = ASSETS_DIR.with_name(ASSETS_DIR.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        if ASSETS_DIR.exists():  # swap, so a crash never leaves the package without a world
+            ASSETS_DIR.rename(old)
         staging.rename(ASSETS_DIR)
+        shutil.rmtree(old, ignore_errors=True)
         print(f"installed into {ASSETS_DIR}")
     return 0
 

@@ -21,7 +21,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -52,9 +52,19 @@ class BuildConfig:
     detector_steps: int = 1500
     detector_batch: int = 64
     unet_samples: int = 40000
-    unet_steps: int = 9000
+    unet_steps: int = 27000
     unet_batch: int = 32
     unet_lr: float = 3e-4
+    # From this step on: a higher learning rate and Min-SNR-γ loss weighting (Hang et al., 2023),
+    # which puts the weight on the noisy timesteps where an object's shape is decided. The first
+    # 9000 steps of the shipped UNet were trained without it; the schedule depends on the step
+    # alone, so continuing a build still equals a fresh one.
+    unet_phase2_start: int = 9000
+    unet_phase2_lr: float = 6e-4
+    unet_min_snr_gamma: float = 5.0
+    # The text encoder is trained with the UNet from the first step of this piecewise-constant
+    # learning-rate schedule on, as [from_step, lr] pairs (see train_unet).
+    unet_text_lr: list = field(default_factory=lambda: [[14000, 2e-4], [17000, 1e-3]])
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
     checkpoint_every: int = 1000
@@ -88,6 +98,15 @@ def _cosine_lr(step: int, total: int, base: float, warmup: int = 200, floor: flo
         return base * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _piecewise(schedule: list, step: int) -> float | None:
+    """The value of a [[from_step, value], ...] schedule at ``step``; None before its first step."""
+    current = None
+    for start, value in sorted(schedule):
+        if step >= start:
+            current = value
+    return current
 
 
 def _set_lr(optimizer, lr: float) -> None:
@@ -258,18 +277,24 @@ def _encode_pretraining_set(cfg: BuildConfig, vae, text_encoder, tokenizer, cach
 
 
 def train_unet(out: Path, cfg: BuildConfig, vae, text_encoder, tokenizer):
+    """Train the UNet (and, once ``unet_text_lr`` starts, the text encoder with it); returns both, EMA weights."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
     stage = out / "unet"
     if _done(stage):
-        return UNet2DConditionModel.from_pretrained(stage).to(cfg.device)
+        if (stage / "text_encoder").is_dir():
+            text_encoder = CLIPTextModel.from_pretrained(stage / "text_encoder").to(cfg.device)
+        return UNet2DConditionModel.from_pretrained(stage).to(cfg.device), text_encoder
     work = out / "unet.work"
     work.mkdir(parents=True, exist_ok=True)
     data = _encode_pretraining_set(cfg, vae, text_encoder, tokenizer, work / "latents.pt")
     torch.manual_seed(cfg.seed + 4)
     unet = UNet2DConditionModel(**UNET_CONFIG).to(cfg.device)
     ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    text_ema = {k: v.detach().clone() for k, v in text_encoder.state_dict().items()}
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=1e-2)
+    text_optimizer = torch.optim.AdamW(text_encoder.parameters(), lr=0.0, weight_decay=0.0)
     scheduler = DDPMScheduler.from_config(SCHEDULER_CONFIG)
     generator = torch.Generator().manual_seed(cfg.seed + 5)
     start = 0
@@ -279,50 +304,80 @@ def train_unet(out: Path, cfg: BuildConfig, vae, text_encoder, tokenizer):
         unet.load_state_dict(state["unet"])
         ema = state["ema"]
         optimizer.load_state_dict(state["optimizer"])
+        if "text_encoder" in state:
+            text_encoder.load_state_dict(state["text_encoder"])
+            text_ema = state["text_ema"]
+            text_optimizer.load_state_dict(state["text_optimizer"])
         generator.set_state(state["generator"])
         start = state["step"]
         _log(f"unet: resumed at step {start}")
-    text_encoder.requires_grad_(False)
     n = data["mean"].shape[0]
     scale = vae.config.scaling_factor
     bar = tqdm(range(start, cfg.unet_steps), desc="unet", mininterval=10, initial=start, total=cfg.unet_steps)
     for step in bar:
         # Warm-up then constant: a run of N steps is a prefix of any longer run, so training can be
         # extended (or stopped at a checkpoint) and still equal a fresh build with unet_steps=N.
-        _set_lr(optimizer, cfg.unet_lr * min(1.0, (step + 1) / 300))
+        phase2 = step >= cfg.unet_phase2_start
+        _set_lr(optimizer, cfg.unet_phase2_lr if phase2 else cfg.unet_lr * min(1.0, (step + 1) / 300))
+        # Contrastive training leaves the text tower nearly blind to shape words (shapes are hard
+        # for the tiny image tower), so the UNet gets no shape signal; tuning the text encoder on
+        # the denoising loss gives it one.
+        text_lr = _piecewise(cfg.unet_text_lr, step)
+        tune_text = text_lr is not None
+        text_encoder.train(tune_text).requires_grad_(tune_text)
+        if tune_text:
+            _set_lr(text_optimizer, text_lr)
         index = torch.randint(0, n, (cfg.unet_batch,), generator=generator)
         latents = data["mean"][index] + data["std"][index] * torch.randn(data["mean"][index].shape, generator=generator)
         latents = (latents * scale).to(cfg.device)
         ids = data["input_ids"][index].clone()
         drop = torch.rand(cfg.unet_batch, generator=generator) < cfg.caption_dropout
         ids[drop] = data["empty_ids"]
-        with torch.no_grad():
+        with torch.set_grad_enabled(tune_text):
             context = text_encoder(ids.to(cfg.device))[0]
         noise = torch.randn(latents.shape, generator=generator).to(cfg.device)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.unet_batch,), generator=generator).to(cfg.device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
-        loss = F.mse_loss(unet(noisy, timesteps, context).sample, noise)
+        per_sample = F.mse_loss(unet(noisy, timesteps, context).sample, noise, reduction="none").mean((1, 2, 3))
+        if phase2 and cfg.unet_min_snr_gamma > 0:
+            alpha_bar = scheduler.alphas_cumprod.to(cfg.device)[timesteps]
+            snr = alpha_bar / (1 - alpha_bar)
+            per_sample = per_sample * torch.clamp(snr, max=cfg.unet_min_snr_gamma) / snr
+        loss = per_sample.mean()
         optimizer.zero_grad(set_to_none=True)
+        text_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         optimizer.step()
+        if tune_text:
+            torch.nn.utils.clip_grad_norm_(text_encoder.parameters(), 1.0)
+            text_optimizer.step()
         decay = min(cfg.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
             for name, value in unet.state_dict().items():
                 ema[name].lerp_(value, 1 - decay)
+            if tune_text:
+                for name, value in text_encoder.state_dict().items():
+                    if value.dtype.is_floating_point:
+                        text_ema[name].lerp_(value, 1 - decay)
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.unet_steps:
             state = {"unet": unet.state_dict(), "ema": ema, "optimizer": optimizer.state_dict(),
+                     "text_encoder": text_encoder.state_dict(), "text_ema": text_ema,
+                     "text_optimizer": text_optimizer.state_dict(),
                      "generator": generator.get_state(), "step": step + 1}
             torch.save(state, work / "checkpoint.tmp")
             os.replace(work / "checkpoint.tmp", checkpoint)
             _log(f"unet step {step + 1}: loss {loss.item():.4f}")
     unet.load_state_dict(ema)
+    text_encoder.load_state_dict(text_ema)
+    text_encoder.eval().requires_grad_(False)
     tmp = _stage_tmp(stage)
     unet.save_pretrained(tmp, safe_serialization=True)
+    text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
     _finish(tmp, stage)
-    return unet
+    return unet, text_encoder
 
 
 def text_encoder_from_clip(clip_model):
@@ -336,11 +391,10 @@ def text_encoder_from_clip(clip_model):
     return text_encoder
 
 
-def assemble(out: Path, target: Path, cfg: BuildConfig, tokenizer, vae, clip_model, unet, detector) -> Path:
+def assemble(out: Path, target: Path, cfg: BuildConfig, tokenizer, vae, text_encoder, unet, detector) -> Path:
     """Write the shipped layout: pipeline/, clip/, detector/ and manifest.json, atomically."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    text_encoder = text_encoder_from_clip(clip_model)
     pipe = StableDiffusionPipeline(vae=vae.cpu(), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet.cpu(),
                                    scheduler=DDIMScheduler(**SCHEDULER_CONFIG), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
@@ -373,23 +427,58 @@ def assemble(out: Path, target: Path, cfg: BuildConfig, tokenizer, vae, clip_mod
 # next to the shipped assets so a later build can continue it instead of starting over; with the
 # constant learning rate, continuing to step M equals a fresh build with unet_steps=M.
 
-def export_unet_state(out: Path, state_dir: Path) -> Path:
-    """Write the UNet stage's checkpoint as safetensors (keyed by parameter name) + state.json."""
+def _export_trained(state_dir: Path, prefix: str, weights: dict, optimizer: dict) -> dict:
+    """Raw weights and Adam moments of one model as safetensors keyed by name; returns its metadata."""
     from safetensors.torch import save_file
 
+    params = [n for n, t in weights.items() if t.dtype.is_floating_point]
+    by_index = optimizer["state"]
+    save_file({n: t.contiguous() for n, t in weights.items()}, state_dir / f"{prefix}_raw.safetensors")
+    for moment in ("exp_avg", "exp_avg_sq"):
+        tensors = {n: by_index[i][moment].contiguous() for i, n in enumerate(params) if i in by_index}
+        save_file(tensors, state_dir / f"{prefix}_{moment}.safetensors")
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer["param_groups"]]
+    return {"adam_steps": [float(by_index[i]["step"]) if i in by_index else 0.0 for i in range(len(params))],
+            "param_groups": groups, "param_order": params}
+
+
+def _import_trained(state_dir: Path, prefix: str, meta: dict) -> tuple[dict, dict]:
+    from safetensors.torch import load_file
+
+    raw = load_file(state_dir / f"{prefix}_raw.safetensors")
+    exp_avg = load_file(state_dir / f"{prefix}_exp_avg.safetensors")
+    exp_avg_sq = load_file(state_dir / f"{prefix}_exp_avg_sq.safetensors")
+    order = meta["param_order"]
+    optimizer = {"state": {i: {"step": torch.tensor(meta["adam_steps"][i]), "exp_avg": exp_avg[n],
+                               "exp_avg_sq": exp_avg_sq[n]} for i, n in enumerate(order) if n in exp_avg},
+                 "param_groups": [dict(g, params=list(range(len(order)))) for g in meta["param_groups"]]}
+    return raw, optimizer
+
+
+def export_unet_state(out: Path, state_dir: Path) -> Path:
+    """Write the UNet stage's checkpoint (UNet and text encoder) as safetensors + state.json."""
     state = torch.load(out / "unet.work" / "checkpoint.pt", weights_only=True)
-    names = list(state["unet"].keys())
-    params = [n for n in names if state["unet"][n].dtype.is_floating_point]
-    by_index = state["optimizer"]["state"]
-    state_dir.mkdir(parents=True, exist_ok=True)
-    save_file({n: t.contiguous() for n, t in state["unet"].items()}, state_dir / "unet_raw.safetensors")
-    save_file({n: by_index[i]["exp_avg"].contiguous() for i, n in enumerate(params)}, state_dir / "adam_exp_avg.safetensors")
-    save_file({n: by_index[i]["exp_avg_sq"].contiguous() for i, n in enumerate(params)},
-              state_dir / "adam_exp_avg_sq.safetensors")
-    groups = [{k: v for k, v in g.items() if k != "params"} for g in state["optimizer"]["param_groups"]]
-    meta = {"step": int(state["step"]), "adam_steps": [float(by_index[i]["step"]) for i in range(len(params))],
-            "param_groups": groups, "param_order": params, "generator": state["generator"].tolist()}
-    (state_dir / "state.json").write_text(json.dumps(meta))
+    # Written beside the old state and swapped in, so files of an older export never linger.
+    tmp = state_dir.with_name(state_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    if (state_dir / "README.md").is_file():
+        shutil.copy2(state_dir / "README.md", tmp / "README.md")
+    meta = {"step": int(state["step"]), "generator": state["generator"].tolist(),
+            "unet": _export_trained(tmp, "unet", state["unet"], state["optimizer"])}
+    if "text_encoder" in state:
+        meta["text_encoder"] = _export_trained(tmp, "text_encoder", state["text_encoder"], state["text_optimizer"])
+    (tmp / "state.json").write_text(json.dumps(meta))
+    if state_dir.exists():
+        old = state_dir.with_name(state_dir.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        state_dir.rename(old)
+        tmp.rename(state_dir)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(state_dir)
     return state_dir
 
 
@@ -397,7 +486,7 @@ def seed_build_from_shipped(out: Path, assets: Path, state_dir: Path) -> int:
     """Fill a build folder from the shipped assets and exported UNet state; returns the UNet step.
 
     Every finished stage (tokenizer, VAE, CLIP, detector) comes from the assets; the UNet stage's
-    checkpoint is rebuilt from ``state_dir`` (its EMA weights are the shipped UNet).
+    checkpoint is rebuilt from ``state_dir`` (its EMA weights are the shipped UNet and text encoder).
     """
     from safetensors.torch import load_file
 
@@ -409,17 +498,16 @@ def seed_build_from_shipped(out: Path, assets: Path, state_dir: Path) -> int:
             shutil.copytree(source, tmp, dirs_exist_ok=True)
             _finish(tmp, out / stage)
     meta = json.loads((state_dir / "state.json").read_text())
-    raw = load_file(state_dir / "unet_raw.safetensors")
-    ema = load_file(assets / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
-    exp_avg, exp_avg_sq = load_file(state_dir / "adam_exp_avg.safetensors"), load_file(state_dir / "adam_exp_avg_sq.safetensors")
-    order = meta["param_order"]
-    optimizer = {"state": {i: {"step": torch.tensor(meta["adam_steps"][i]), "exp_avg": exp_avg[n],
-                               "exp_avg_sq": exp_avg_sq[n]} for i, n in enumerate(order)},
-                 "param_groups": [dict(g, params=list(range(len(order)))) for g in meta["param_groups"]]}
+    raw, optimizer = _import_trained(state_dir, "unet", meta["unet"])
+    state = {"unet": raw, "optimizer": optimizer, "step": meta["step"],
+             "ema": load_file(assets / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors"),
+             "generator": torch.tensor(meta["generator"], dtype=torch.uint8)}
+    if "text_encoder" in meta:
+        state["text_encoder"], state["text_optimizer"] = _import_trained(state_dir, "text_encoder", meta["text_encoder"])
+        state["text_ema"] = load_file(assets / "pipeline" / "text_encoder" / "model.safetensors")
     work = out / "unet.work"
     work.mkdir(parents=True, exist_ok=True)
-    torch.save({"unet": raw, "ema": ema, "optimizer": optimizer, "step": meta["step"],
-                "generator": torch.tensor(meta["generator"], dtype=torch.uint8)}, work / "checkpoint.pt")
+    torch.save(state, work / "checkpoint.pt")
     if (out / "unet").exists():
         shutil.rmtree(out / "unet")
     return meta["step"]
@@ -438,5 +526,6 @@ def build_world(out_dir: str | Path, target: str | Path | None = None, cfg: Buil
     clip_model = train_clip(out, cfg, tokenizer).eval()
     detector = train_detector(out, cfg, vae).eval()
     text_encoder = text_encoder_from_clip(clip_model).to(cfg.device)
-    unet = train_unet(out, cfg, vae, text_encoder.eval(), tokenizer)
-    return assemble(out, Path(target) if target else out / "world", cfg, tokenizer, vae, clip_model, unet, detector)
+    unet, text_encoder = train_unet(out, cfg, vae, text_encoder.eval(), tokenizer)
+    return assemble(out, Path(target) if target else out / "world", cfg, tokenizer, vae, text_encoder.cpu(), unet,
+                    detector)
