@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "attack": ("conceptguard.commands.attack", "red-team a model: re-learning and adversarial-prompt attacks"),
     "eval": ("conceptguard.commands.eval", "measure erasure, preservation and quality on seeded images"),
     "report": ("conceptguard.commands.report", "build an HTML report from evaluation and attack runs"),
+    "reproduce": ("conceptguard.commands.reproduce", "re-run the papers' claims on the embedded world; write docs/results.md"),
     "world": ("conceptguard.commands.world", "the embedded world: build, inspect and sample it"),
     "info": ("conceptguard.commands.info", "describe a model: family, parameters, content hash"),
     "demo": ("conceptguard.commands.demo", "run the main job end to end on the embedded model"),

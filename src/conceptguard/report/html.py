@@ -8,6 +8,8 @@ A run folder holds ``results.json`` (written by ``conceptguard eval``) with its 
      "concept": "halo",                 # the erased concept it tries to bring back (optional)
      "metric": "detection",             # key of the curve's values (optional, default "detection")
      "config": {...},                   # settings shown in the report (optional)
+     "chart": "lora attack on zorblat", # groups curves into one chart per title (optional)
+     "label": "esd-x",                  # the curve's legend (optional, default "run / kind / concept")
      "curve": [{"step": 0, "detection": 0.05}, {"step": 50, "detection": 0.4}, ...]}
 
 The report shows, in one HTML file with every image embedded as base64 PNG: bar charts of the
@@ -22,6 +24,7 @@ import base64
 import html
 import io
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -173,15 +176,18 @@ def build_charts(runs: list[Run]) -> dict[str, tuple[str, bytes]]:
         charts["quality"] = ("Image quality: CLIP score (higher = closer to the prompt), FID against the reference "
                              "images and LPIPS-like distance to the base model's images (lower = closer)",
                              plots.metric_panels("Quality", panels))
-    curves = {}
+    # Attacks name their chart with an optional "chart" key (one chart per attack kind, say) and their
+    # line with "label"; without them every curve goes into the one "recovery" chart.
+    by_chart: dict[str, dict[str, list]] = {}
     for run in runs:
         for attack in run.attacks:
-            label = " / ".join(x for x in (run.name, attack["kind"], attack.get("concept")) if x)
-            curves[label] = attack["points"]
-    if curves:
-        metric = runs[0].attacks[0]["metric"] if runs[0].attacks else "detection"
-        charts["recovery"] = ("Recovery of the erased concept under attack: detection rate per attack step",
-                              plots.recovery_curves("Recovery curves", curves, ylabel=metric))
+            label = attack.get("label") or " / ".join(x for x in (run.name, attack["kind"], attack.get("concept")) if x)
+            by_chart.setdefault(attack.get("chart") or "", {})[label] = attack["points"]
+    metric = runs[0].attacks[0]["metric"] if runs and runs[0].attacks else "detection"
+    for title, curves in by_chart.items():
+        key = "recovery" if not title else "recovery-" + re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
+        charts[key] = ("Recovery of the erased concept under attack: detection rate per attack step",
+                       plots.recovery_curves(title or "Recovery curves", curves, ylabel=metric))
     return charts
 
 
@@ -325,11 +331,13 @@ def render_html(runs: list[Run], charts: dict[str, tuple[str, bytes]], grids: li
             parts.append("</table><ol class='prompts'>" + "".join(
                 f"<li>{html.escape(c['prompt'])} <span>(seed {c['seed']})</span></li>" for c in grid["columns"])
                 + "</ol>")
-    if "recovery" in charts:
-        caption, png = charts["recovery"]
+    recovery = [key for key in charts if key.startswith("recovery")]
+    if recovery:
         parts.append("<h2>Attacks</h2>")
-        parts.append(f"<figure class='chart'><img alt='recovery' src='{_data_uri(png)}'>"
-                     f"<figcaption class='caption'>{html.escape(caption)}</figcaption></figure>")
+        for key in recovery:
+            caption, png = charts[key]
+            parts.append(f"<figure class='chart'><img alt='{key}' src='{_data_uri(png)}'>"
+                         f"<figcaption class='caption'>{html.escape(caption)}</figcaption></figure>")
     parts.append("<h2>Configurations</h2>")
     for run in runs:
         config = {}

@@ -14,6 +14,7 @@ import numpy as np
 # Colour-blind-safe palette (Okabe & Ito), one colour per model in every chart.
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000")
 DPI = 100
+LEGEND_INSIDE = 6  # up to this many series a legend fits inside a bar chart
 
 
 def _figure(width: float, height: float):
@@ -33,9 +34,11 @@ def grouped_bars(title: str, categories: Sequence[str], series: Mapping[str, Seq
                  ylabel: str = "", percent: bool = False, ylim: tuple[float, float] | None = None) -> bytes:
     """One group of bars per category, one bar (and colour) per series; ``None`` values are left out."""
     width = max(4.0, min(11.5, 1.2 + 0.3 * len(categories) * max(len(series), 1)))
-    figure = _figure(width, 3.2)
-    ax = figure.add_subplot()
     n = max(len(series), 1)
+    # Many series: the legend goes below the axes in columns (inside, it would cover the bars).
+    legend_rows = -(-n // 4) if n > LEGEND_INSIDE else 0
+    figure = _figure(width, 3.2 + 0.2 * legend_rows)
+    ax = figure.add_subplot()
     bar_width = 0.8 / n
     x = np.arange(len(categories))
     for k, (name, values) in enumerate(series.items()):
@@ -50,7 +53,10 @@ def grouped_bars(title: str, categories: Sequence[str], series: Mapping[str, Seq
     elif percent:
         ax.set_ylim(0, 100)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    if legend_rows:
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=4)
+    else:
+        ax.legend(fontsize=8, loc="best")
     return _png(figure)
 
 
@@ -78,7 +84,9 @@ def recovery_curves(title: str, curves: Mapping[str, Sequence[tuple[float, float
     for k, (name, points) in enumerate(curves.items()):
         steps = [p[0] for p in points]
         values = [100 * p[1] if percent else p[1] for p in points]
-        ax.plot(steps, values, marker="o", markersize=3, label=name, color=PALETTE[k % len(PALETTE)])
+        # Past the palette's eight colours the line style changes, so every curve stays distinct.
+        ax.plot(steps, values, marker="o", markersize=3, label=name, color=PALETTE[k % len(PALETTE)],
+                linestyle=("-", "--", ":")[k // len(PALETTE) % 3])
     ax.set_xlabel("attack step", fontsize=9)
     ax.set_ylabel(ylabel + (" (%)" if percent else ""), fontsize=9)
     if percent:

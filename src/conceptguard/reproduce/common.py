@@ -1,0 +1,271 @@
+"""What every reproduction experiment shares: the result types, the verdict helpers and the context
+an experiment runs in (the embedded world's model, its detector, run folders, evaluation).
+
+An experiment is a function ``run(config, ctx) -> numbers`` over a small frozen Config dataclass
+(one instance per profile, ``quick`` and ``full``), plus two *pure* functions of those numbers:
+``checks(numbers, config)`` — the paper's claims, each with its exact criterion and a verdict — and
+``tables(numbers, config)`` — what ``docs/results.md`` shows. Verdicts never see anything but the
+measured numbers, so a test can feed them synthetic ones.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+# --------------------------------------------------------------------------------------------
+# Results: checks (claims with verdicts) and tables
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Check:
+    """One claim of a paper, decided by a stated criterion on measured numbers."""
+
+    claim: str
+    criterion: str
+    values: dict[str, float | None]
+    passed: bool
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Table:
+    """A table of docs/results.md; cells are numbers (shown as given by ``formats``), text or None."""
+
+    title: str
+    columns: list[str]
+    rows: list[list[Any]]
+    note: str = ""
+    # Per column: "pct" (a share shown in %), "num" (4 significant digits) or "text".
+    formats: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_OPS: dict[str, Callable[[float, float], bool]] = {
+    "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
+
+
+def compare(a: float | None, op: str, b: float | None) -> bool:
+    """``a op b``; a number that was not measured (None) never satisfies a claim."""
+    if a is None or b is None:
+        return False
+    return _OPS[op](a, b)
+
+
+def verdict(checks: Sequence[Check]) -> str:
+    """A claim is reproduced when every one of its checks passed."""
+    return "reproduced" if checks and all(c.passed for c in checks) else "not reproduced"
+
+
+def pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}%"
+
+
+# --------------------------------------------------------------------------------------------
+# The experiment registry entry
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A reproduction experiment: its claim, its two profiles and the functions that run and judge it."""
+
+    name: str
+    title: str
+    claim: str  # the paper's claim, in one or two sentences
+    source: str  # paper and table
+    profiles: dict[str, Any]  # "quick" / "full" -> Config instance
+    run: Callable[[Any, "Context"], dict[str, Any]]
+    checks: Callable[[dict[str, Any], Any], list[Check]]
+    tables: Callable[[dict[str, Any], Any], list[Table]]
+
+
+# --------------------------------------------------------------------------------------------
+# The context an experiment runs in
+# --------------------------------------------------------------------------------------------
+
+
+class World:
+    """The embedded world's model and detector, loaded once and shared by every experiment.
+
+    Experiments edit pipelines in place, so each gets a deep copy of the loaded base (a fraction of a
+    second for the tiny world, against seconds for loading it from disk again).
+    """
+
+    def __init__(self, pipe=None, detector=None):
+        from conceptguard.models.io import content_hash
+        from conceptguard.world import load_detector, load_embedded_pipeline
+
+        self.pipe = pipe if pipe is not None else load_embedded_pipeline()
+        self.detector = detector if detector is not None else load_detector()
+        self.content_hash = content_hash(self.pipe)
+
+    def pipeline(self):
+        return copy.deepcopy(self.pipe)
+
+
+class Context:
+    """Where one experiment works: ``root/<name>/`` holds its run folders, data and evaluations.
+
+    ``report_runs`` collects the evaluation and attack folders that ``conceptguard report`` reads.
+    """
+
+    def __init__(self, world: World, work_dir: str | Path, *, seed: int, name: str, log: Callable[[str], None] = print):
+        self.world, self.seed, self.name, self.log = world, seed, name, log
+        self.work_dir = Path(work_dir)
+        self.report_runs: list[Path] = []
+
+    # --- models and data ---------------------------------------------------------------------
+
+    def pipeline(self):
+        """A fresh copy of the base model (the caller may edit it)."""
+        return self.world.pipeline()
+
+    @property
+    def detector(self):
+        return self.world.detector
+
+    def run_dir(self, *parts: str) -> Path:
+        """An empty run folder (training runs refuse folders with an earlier run's checkpoints)."""
+        path = self.work_dir.joinpath("runs", *parts)
+        shutil.rmtree(path, ignore_errors=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def data_folder(self, name: str, n: int, seed: int, split: str, **fixed: str) -> Path:
+        """``n`` rendered world images (+ captions) of ``split`` pinned to ``fixed``, as a folder."""
+        from conceptguard.world.dataset import export_folder, generate
+
+        folder = self.work_dir / "data" / name
+        shutil.rmtree(folder, ignore_errors=True)
+        return export_folder(generate(n, seed=seed, split=split, **fixed), folder)
+
+    def train_config(self, steps: int, lr: float, optimizer: str = "adam", **values: Any):
+        """A quiet, seeded TrainConfig that checkpoints only at the end (resume is per experiment)."""
+        from conceptguard.training.loop import TrainConfig
+
+        values = {"max_grad_norm": 0.0, **values}
+        return TrainConfig(steps=steps, lr=lr, optimizer=optimizer, seed=self.seed, checkpoint_every=steps,
+                           keep_checkpoints=1, log_every=max(1, steps // 10), progress=False, **values)
+
+    # --- measurements ------------------------------------------------------------------------
+
+    def evaluate(self, pipe, label: str, erase: Sequence[str], records, *, num_inference_steps: int,
+                 guidance_scale: float = 7.5) -> dict[str, Any]:
+        """Run the evaluation harness on ``records``; returns the model's metrics summary.
+
+        The run folder (``eval/<experiment>-<label>``, results.json + images) goes into the report.
+        """
+        from conceptguard.evaluation.harness import evaluate
+        from conceptguard.evaluation.sources import PipelineSource
+
+        name = f"{self.name}-{label}"
+        out = self.work_dir / "eval" / name
+        results = evaluate(PipelineSource(pipe, name=name), erase=list(erase), prompt_set=list(records),
+                           seed=self.seed, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                           batch_size=64, out_dir=out, scorer="world", overwrite=True)
+        self.report_runs.append(out)
+        return results["metrics"]["model"]
+
+    def relearn(self, pipe, label: str, *, kind: str, concept: str, data, steps: int, lr: float,
+                checkpoints: Sequence[int], eval: "CurveSettings", chart: str, legend: str | None = None,
+                optimizer: str = "adamw", **attack: Any) -> dict[str, Any]:
+        """A re-learning attack with its recovery curve (``attacks.relearn_attack``) on ``pipe``
+        (edited in place); returns the ``attack.json`` record. ``attack`` sets RelearnConfig fields.
+
+        ``label`` names the run folder (``attacks/<label>``); ``chart`` and ``legend`` tell the report
+        which recovery chart the curve belongs to and what to call it (one chart per attack kind, say,
+        one line per defense).
+        """
+        from conceptguard.attacks.curves import GenerationSettings, world_prompts
+        from conceptguard.attacks.relearn import RelearnConfig, relearn_attack
+
+        out = self.work_dir / "attacks" / label
+        shutil.rmtree(out, ignore_errors=True)
+        _, record = relearn_attack(
+            pipe, data, concept, out, config=RelearnConfig(kind=kind, **attack),
+            train_config=self.train_config(steps, lr, optimizer, max_grad_norm=1.0),
+            checkpoints=checkpoints, prompts=world_prompts(concept, eval.prompts, self.seed),
+            settings=GenerationSettings(eval.steps, eval.guidance_scale, batch_size=64), model_name=label,
+            extra_record={"chart": chart, "label": legend or label})
+        # The attacked model's checkpoint is tens of MB per attack and nothing reads it: keep the curve only.
+        shutil.rmtree(out / "train" / "checkpoints", ignore_errors=True)
+        self.report_runs.append(out)
+        return record
+
+
+@dataclass(frozen=True)
+class CurveSettings:
+    """How a recovery curve is measured: ``prompts`` seeded target prompts of the concept, generated
+    with ``steps`` DDIM steps at ``guidance_scale``, read by the world's detector."""
+
+    prompts: int = 16
+    steps: int = 10
+    guidance_scale: float = 7.5
+
+
+def curve_summary(record: dict[str, Any]) -> dict[str, Any]:
+    """What a claim keeps of an attack record: the curve and the detection without / after the attack."""
+    return {"curve": [[p["step"], p["detection"]] for p in record["curve"]],
+            "no_attack": record["asr"]["no_attack"], "attack": record["asr"]["attack"], "step": record["asr"]["step"]}
+
+
+# --------------------------------------------------------------------------------------------
+# Prompt sets and readings of the harness's metrics
+# --------------------------------------------------------------------------------------------
+
+
+def prompt_records(concepts: Sequence[str], *, seed: int, target: int, paraphrase: int = 0, implicit: int = 0,
+                   preservation_per_concept: int = 0):
+    """A small evaluation set built like the harness's ``quick`` set, with chosen sizes per group.
+
+    Per concept ``target``/``paraphrase``/``implicit`` prompts (groups that do not exist for a concept
+    are skipped: only the halo has implicit prompts, characters have no paraphrases), then the
+    preservation prompts (``preservation_per_concept`` per shape and character) minus the scenes that
+    show an erased concept. Seeds are the harness's, so a prompt gets the same image here as there.
+    """
+    from dataclasses import replace
+
+    from conceptguard.evaluation.prompts import concept_prompts, preservation_prompts
+
+    counts = {"target": target, "paraphrase": paraphrase, "implicit": implicit}
+    records = [r for group, n in counts.items() if n for concept in concepts
+               for r in concept_prompts(concept, group, n, seed)]
+    if preservation_per_concept:
+        records += preservation_prompts(preservation_per_concept, seed, exclude=concepts)
+    return [replace(r, case_number=i) for i, r in enumerate(records)]
+
+
+def detection(metrics: dict[str, Any], group: str, concept: str) -> float | None:
+    """Share of ``group``'s images of ``concept`` in which the detector finds it (None: no such prompts)."""
+    return metrics.get("groups", {}).get(group, {}).get("detection", {}).get(concept)
+
+
+def summarize(metrics: dict[str, Any], concepts: Sequence[str]) -> dict[str, Any]:
+    """The numbers a claim needs from one evaluation: detection per concept and group, their mean
+    over concepts (``erasure``, per group), preservation accuracy, FID and mean CLIP score."""
+    groups = ("target", "paraphrase", "implicit")
+    per_concept = {c: {g: detection(metrics, g, c) for g in groups} for c in concepts}
+    erasure = {}
+    for g in groups:
+        values = [per_concept[c][g] for c in concepts if per_concept[c][g] is not None]
+        erasure[g] = sum(values) / len(values) if values else None
+    clip = [e["clip_score"] for e in metrics.get("groups", {}).values() if e.get("clip_score") is not None]
+    return {
+        "detection": per_concept,
+        "erasure": erasure,
+        "preservation": (metrics.get("preservation") or {}).get("accuracy"),
+        "fid": (metrics.get("fid") or {}).get("value"),
+        "clip": round(sum(clip) / len(clip), 6) if clip else None,
+    }

@@ -1,0 +1,268 @@
+"""Run the reproduction experiments, cache each result, and write docs/results.md and the HTML report.
+
+Run folder (``--out``, default ``runs/reproduce``)::
+
+    <experiment>/result.json   config, seed, base model hash, numbers, checks and verdict (no timings:
+                               a second run with the same seed writes the same bytes)
+    <experiment>/timing.json   wall-clock seconds of the experiment
+    <experiment>/eval|attacks  evaluation and attack run folders (read by ``conceptguard report``)
+    <experiment>/report.html   the experiment's HTML report
+    report.html                one HTML report over every experiment's runs
+
+An experiment's result is reused (``resume``) when its ``result.json`` was made with the same
+profile, config, seed and base model; otherwise its folder is cleared and it runs again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import platform
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from conceptguard.errors import ConceptGuardError
+from conceptguard.reproduce.common import Check, Context, Experiment, Table, World, verdict
+
+# One module per claim, in the order of docs/results.md; each defines EXPERIMENT.
+EXPERIMENT_MODULES = (
+    "conceptguard.reproduce.esd",
+    "conceptguard.reproduce.sdd",
+    "conceptguard.reproduce.guard",
+    "conceptguard.reproduce.immunize",
+    "conceptguard.reproduce.attacks",
+)
+PROFILES = ("quick", "full")
+RESULT_FORMAT = "conceptguard-reproduce"
+RESULT_VERSION = 1
+RESULT_FILE = "result.json"
+TIMING_FILE = "timing.json"
+
+
+def experiments() -> dict[str, Experiment]:
+    found = [importlib.import_module(m).EXPERIMENT for m in EXPERIMENT_MODULES]
+    return {e.name: e for e in found}
+
+
+def config_dict(config: Any) -> dict[str, Any]:
+    from conceptguard.config import config_to_dict
+
+    return config_to_dict(config)
+
+
+def fingerprint(profile: str, config: Any, seed: int, base_hash: str) -> str:
+    """What makes two results comparable: same profile, config, seed and base model."""
+    payload = json.dumps({"profile": profile, "config": config_dict(config), "seed": seed, "base_model": base_hash},
+                         sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def load_result(folder: Path) -> dict[str, Any] | None:
+    path = folder / RESULT_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) and data.get("format") == RESULT_FORMAT else None
+
+
+def run_experiment(experiment: Experiment, config: Any, world: World, out_dir: Path, *, profile: str, seed: int,
+                   resume: bool, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run one experiment (or reuse its cached result) and write ``out_dir/<name>/result.json``."""
+    from conceptguard.outputs import atomic_write_json
+
+    folder = out_dir / experiment.name
+    key = fingerprint(profile, config, seed, world.content_hash)
+    cached = load_result(folder)
+    if resume and cached is not None and cached.get("fingerprint") == key:
+        try:
+            result = rejudge(experiment, config, cached, folder)
+        except (KeyError, TypeError, ValueError):  # numbers laid out by another version of the experiment
+            log(f"[reproduce] {experiment.name}: the cached result does not fit this version; running again")
+        else:
+            log(f"[reproduce] {experiment.name}: reusing {folder / RESULT_FILE}")
+            return result
+    shutil.rmtree(folder, ignore_errors=True)  # a stale or half-finished run must not leak into this one
+    folder.mkdir(parents=True)
+    log(f"[reproduce] {experiment.name}: running the {profile} profile (seed {seed})")
+    ctx = Context(world, folder, seed=seed, name=experiment.name, log=log)
+    started, cpu_started = time.perf_counter(), time.process_time()
+    numbers = experiment.run(config, ctx)
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+    _drop_checkpoints(folder)
+    result = judge(experiment, config, numbers)
+    result.update({
+        "format": RESULT_FORMAT, "version": RESULT_VERSION, "experiment": experiment.name, "profile": profile,
+        "seed": seed, "base_model_hash": world.content_hash, "fingerprint": key, "config": config_dict(config),
+        "runs": [str(p.relative_to(folder)) for p in ctx.report_runs],
+    })
+    result = json.loads(json.dumps(result, default=str))  # plain JSON types, as a cached result reads back
+    # CPU time says what the experiment costs on a machine shared with other jobs, where wall time does not.
+    atomic_write_json(folder / TIMING_FILE, {"seconds": round(seconds, 1), "cpu_seconds": round(cpu_seconds, 1),
+                                             "threads": _threads()})
+    atomic_write_json(folder / RESULT_FILE, result)  # last: its presence means the experiment finished
+    log(f"[reproduce] {experiment.name}: {result['verdict']} ({seconds:.0f} s, {cpu_seconds:.0f} s CPU)")
+    return result
+
+
+def _drop_checkpoints(folder: Path) -> None:
+    """Training checkpoints are most of the disk an experiment uses (a gigabyte for the quick profile)
+    and serve no purpose once it finished: an unfinished experiment starts again from scratch. The
+    runs' configs and logs stay."""
+    for checkpoints in sorted(folder.rglob("checkpoints")):
+        if checkpoints.is_dir():
+            shutil.rmtree(checkpoints, ignore_errors=True)
+
+
+def rejudge(experiment: Experiment, config: Any, cached: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """A cached result judged again from its numbers by the current checks and tables (they are pure
+    functions of the numbers); ``result.json`` is rewritten only if that changes anything."""
+    from conceptguard.outputs import atomic_write_json
+
+    result = json.loads(json.dumps({**cached, **judge(experiment, config, cached["numbers"])}, default=str))
+    if result != cached:
+        atomic_write_json(folder / RESULT_FILE, result)
+    return result
+
+
+def judge(experiment: Experiment, config: Any, numbers: dict[str, Any]) -> dict[str, Any]:
+    """Checks, verdict and tables: pure functions of the measured numbers."""
+    checks: list[Check] = experiment.checks(numbers, config)
+    tables: list[Table] = experiment.tables(numbers, config)
+    return {"numbers": numbers, "checks": [c.to_dict() for c in checks], "verdict": verdict(checks),
+            "tables": [t.to_dict() for t in tables]}
+
+
+def reproduce(out_dir: str | Path = "runs/reproduce", *, profile: str = "full", seed: int = 0,
+              only: Sequence[str] | None = None, results_md: str | Path | None = "docs/results.md",
+              resume: bool = False, report: bool = True, jobs: int = 1,
+              overrides: dict[str, dict[str, Any]] | None = None, world: World | None = None,
+              log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the experiments of ``profile`` (all, or ``only``), then write ``results_md`` and the report.
+
+    ``jobs`` > 1 runs that many experiments at once, each in its own process (the numbers do not
+    change: every experiment is seeded on its own). ``overrides`` replaces config fields per
+    experiment (``{"esd": {"steps": 5}}``), for tests and quick looks; a result made with overrides is
+    reused only with the same ones. Returns ``{"results": {name: result}, "seconds": wall time,
+    "results_md": path, "report": path}``.
+    """
+    from conceptguard.reproduce.markdown import render_results
+
+    if profile not in PROFILES:
+        raise ConceptGuardError(f"unknown profile {profile!r}; choose {' or '.join(PROFILES)}")
+    if jobs < 1:
+        raise ConceptGuardError(f"jobs must be at least 1, got {jobs}")
+    available = experiments()
+    chosen = list(only) if only else list(available)
+    unknown = [name for name in chosen if name not in available]
+    if unknown:
+        raise ConceptGuardError(f"unknown claim(s) {', '.join(unknown)}; choose from {', '.join(available)}")
+    overrides = overrides or {}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    world = world or World()
+    configs = {name: replace(e.profiles[profile], **overrides.get(name, {})) for name, e in available.items()}
+    if jobs > 1 and len(chosen) > 1:
+        results = _run_parallel(chosen, configs, out_dir, profile=profile, seed=seed, resume=resume, jobs=jobs)
+    else:
+        results = {name: run_experiment(available[name], configs[name], world, out_dir, profile=profile, seed=seed,
+                                        resume=resume, log=log) for name in chosen}
+    # Claims not run now are shown from earlier results in the same folder when those match exactly.
+    for name in available:
+        if name not in results:
+            cached = load_result(out_dir / name)
+            if cached is not None and cached.get("fingerprint") == fingerprint(profile, configs[name], seed,
+                                                                               world.content_hash):
+                results[name] = cached
+    results = {name: results[name] for name in available if name in results}  # the page's order
+    seconds = time.perf_counter() - started
+    summary: dict[str, Any] = {"results": results, "seconds": seconds}
+    if report:
+        summary["report"] = write_reports(out_dir, results, log=log)
+    if results_md is not None:
+        from conceptguard.outputs import atomic_write_text
+
+        text = render_results(available, results, profile=profile, seed=seed, run_seconds=seconds, jobs=jobs,
+                              experiment_seconds=_experiment_seconds(out_dir, results), machine=machine(),
+                              out_dir=out_dir)
+        summary["results_md"] = atomic_write_text(results_md, text)
+        log(f"[reproduce] wrote {results_md}")
+    return summary
+
+
+def _run_in_process(name: str, config: Any, out_dir: Path, profile: str, seed: int, resume: bool) -> dict[str, Any]:
+    """One experiment in a worker process, with its own copy of the world."""
+    import torch
+
+    from conceptguard.models.io import quiet_libraries
+
+    quiet_libraries()  # as the CLI does in the main process: no progress bars from the libraries
+    torch.set_num_threads(1)  # one core per worker: the tiny world's ops gain nothing from more threads
+    return run_experiment(experiments()[name], config, World(), out_dir, profile=profile, seed=seed, resume=resume)
+
+
+def _run_parallel(chosen: list[str], configs: dict[str, Any], out_dir: Path, *, profile: str, seed: int,
+                  resume: bool, jobs: int) -> dict[str, dict[str, Any]]:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # Longest first (the attack matrix is last in the page's order), so the workers finish together.
+    order = list(reversed(chosen))
+    # spawn: a fresh interpreter per worker, never a fork of a process holding torch's thread pools.
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {name: pool.submit(_run_in_process, name, configs[name], out_dir, profile, seed, resume)
+                   for name in order}
+        return {name: futures[name].result() for name in chosen}
+
+
+def write_reports(out_dir: Path, results: dict[str, dict[str, Any]], log: Callable[[str], None] = print) -> Path | None:
+    """One HTML report per experiment and one over all of them (``conceptguard report``'s builder)."""
+    from conceptguard.report.html import build_report
+
+    every = []
+    for name, result in results.items():
+        runs = [out_dir / name / r for r in result.get("runs", []) if (out_dir / name / r).is_dir()]
+        if runs:
+            build_report(runs, out_dir / name / "report.html")
+            every += runs
+    if not every:
+        return None
+    path = build_report(every, out_dir / "report.html")["html"]
+    log(f"[reproduce] wrote {path}")
+    return path
+
+
+def _experiment_seconds(out_dir: Path, results: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Wall and CPU seconds of each experiment (from its timing.json; empty when missing)."""
+    seconds = {}
+    for name in results:
+        try:
+            timing = json.loads((out_dir / name / TIMING_FILE).read_text())
+        except (OSError, json.JSONDecodeError):
+            timing = {}
+        seconds[name] = {k: timing[k] for k in ("seconds", "cpu_seconds") if isinstance(timing.get(k), (int, float))}
+    return seconds
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def machine() -> dict[str, Any]:
+    """What the timings were measured on (no host names)."""
+    import torch
+
+    return {"system": f"{platform.system()} {platform.machine()}", "cpu_cores": os.cpu_count(),
+            "torch_threads": _threads(), "python": platform.python_version(), "torch": torch.__version__,
+            "device": "cpu"}
