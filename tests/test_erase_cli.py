@@ -17,17 +17,7 @@ from conceptguard.cli import main
 from conceptguard.methods import MethodResult, MethodSpec
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    def reset():
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
-
-    reset()
-    yield
-    reset()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # tests/conftest.py
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
