@@ -189,12 +189,15 @@ def world_models():
 @pytest.mark.slow
 def test_world_twenty_concepts_erased_fast_and_preserved_concepts_kept(world_models, tmp_path):
     from conceptguard.sampling import generate_images
-    from conceptguard.world.concepts import COLOURS, HELD_OUT_CHARACTERS, SEEN_CHARACTERS, SHAPES
+    from conceptguard.world.concepts import BACKGROUNDS, COLOURS, HELD_OUT_CHARACTERS, SEEN_CHARACTERS, SHAPES
     from conceptguard.world.quality import agreement, character_prompts, detect, object_prompts
 
     load_pipeline, detector = world_models
     erase = list(SEEN_CHARACTERS) + list(HELD_OUT_CHARACTERS) + ["striped", "dotted", "checkered", "gradient"]
-    preserve = list(SHAPES) + list(COLOURS)
+    # The world's everyday concepts. Measured with shapes and colours alone: shape accuracy 0.90 -> 0.75
+    # (20 erase rows in a 64-d text space move what is not listed); with the backgrounds too, 0.90 -> 0.90
+    # and colour 1.00 -> 0.96 (docs/methods/uce.md).
+    preserve = list(SHAPES) + list(COLOURS) + list(BACKGROUNDS)
     assert len(erase) == 20
 
     obj_prompts, obj_labels = object_prompts(6, seed=11)
