@@ -278,23 +278,31 @@ def test_source_registry(tiny_sd1):
 # Effect on the trained embedded world
 # --------------------------------------------------------------------------------------------
 
-WORLD_TARGET = "zorblat"
+# A style — the artist analogue, the field's use of these baselines. A character is a poor target
+# in this world: most of its prompts are the name alone ("zorblat"), so with the name as negative
+# prompt both CFG branches carry the same text and nothing changes (measured: 12 of 12 zorblat
+# images before and after; SLD weak and SEGA also 12/12, SLD strong/max 2/12).
+WORLD_TARGET = "striped"
 WORLD_STEPS = 50  # the SLD presets' warm-ups are tuned for 50 steps
-WORLD_SPECS = ["negative-prompt", "sld:weak", "sld:medium", "sld:strong", "sld:max", "sega"]
+# SLD's weak preset is left out: its safety term starts after 15 of 50 steps, when the world's
+# 16x16 latents have already fixed the texture (striped in 16/16 images as without it; 15/16 with
+# the warm-up cut to 0 or 5 steps, 16/16 at 10). test_world_sld_presets_are_ordered covers it.
+WORLD_SPECS = ["negative-prompt", "sld:medium", "sld:strong", "sld:max", "sega"]
 
 
 @pytest.fixture(scope="module")
 def world_base():
-    """(pipeline, detector, prompts, labels, base detection rate of the target)."""
+    """(pipeline, detector, prompts, seeds, base detection rate of the target)."""
     from conceptguard import world
-    from conceptguard.world.quality import character_prompts, detect
+    from conceptguard.evaluation.prompts import concept_prompts
+    from conceptguard.world.quality import detect
 
     pipe, detector = world.load_embedded_pipeline(), world.load_detector()
-    prompts, _ = character_prompts([WORLD_TARGET], 12, seed=5)
-    seeds = list(range(len(prompts)))
+    records = concept_prompts(WORLD_TARGET, "target", 16, seed=5)
+    prompts, seeds = [r.prompt for r in records], [r.seed for r in records]
     found = detect(detector, generate_images(pipe, prompts, seeds=seeds, num_inference_steps=WORLD_STEPS,
                                              progress=False))
-    rate = float(np.mean([c == WORLD_TARGET for c in found["character"]]))
+    rate = float(np.mean([c == WORLD_TARGET for c in found["style"]]))
     return pipe, detector, prompts, seeds, rate
 
 
@@ -306,7 +314,25 @@ def test_world_baseline_lowers_target_detection(world_base, spec):
 
     pipe, detector, prompts, seeds, base_rate = world_base
     images = generate_with_baseline(pipe, spec, [WORLD_TARGET], prompts, seeds, num_inference_steps=WORLD_STEPS)
-    rate = float(np.mean([c == WORLD_TARGET for c in detect(detector, images)["character"]]))
+    rate = float(np.mean([c == WORLD_TARGET for c in detect(detector, images)["style"]]))
     print(f"{spec}: {WORLD_TARGET} detected in {rate:.0%} of images (base model {base_rate:.0%})")
     assert base_rate > 0.5, "the base model should draw the target for the comparison to mean anything"
     assert rate < base_rate
+
+
+@pytest.mark.world
+@pytest.mark.slow
+def test_world_sld_presets_are_ordered(world_base):
+    """The paper's configurations, weak to max, remove the target at least as well as the one before."""
+    from conceptguard.world.quality import detect
+
+    pipe, detector, prompts, seeds, base_rate = world_base
+    rates = {"none": base_rate}
+    for preset in SLD_PRESETS:
+        images = generate_with_baseline(pipe, f"sld:{preset}", [WORLD_TARGET], prompts, seeds,
+                                        num_inference_steps=WORLD_STEPS)
+        rates[preset] = float(np.mean([c == WORLD_TARGET for c in detect(detector, images)["style"]]))
+    print(f"SLD presets on {WORLD_TARGET}: {rates}")
+    values = list(rates.values())
+    assert all(later <= earlier for earlier, later in zip(values, values[1:])), rates
+    assert rates["max"] <= 0.25 * base_rate, rates
