@@ -389,6 +389,11 @@ def _halo_trigger_prompts(n: int, seed: int) -> list[str]:
 
 @pytest.mark.world
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=(
+    "not reproduced on the embedded world (issue #5 open): ESD erases neither the named nor the implied "
+    "halo. Trigger-prompt halo rate stays 100% for x and u at 150 steps/2e-4 and 300/5e-4, u at 300/1e-3 "
+    "eta 3 (named prompts 92%); 1000 steps at 1e-3 blurs every image and gives the empty prompt halos. "
+    "Figures: docs/methods/esd.md"))
 def test_world_esd_u_beats_esd_x_on_implicit_halo_prompts(tmp_path):
     from conceptguard.sampling import generate_images
     from conceptguard.world import load_detector, load_embedded_pipeline
