@@ -94,6 +94,23 @@ def test_latent_is_sampled_by_the_teacher_from_one_concept():
         torch.testing.assert_close(sample.latents, replay.latents, rtol=0, atol=0)
 
 
+def test_code_variant_samples_from_all_concepts_and_conditions_on_one():
+    """multi_concept="code" (the public code): z_t from the joined prompt, the loss on the drawn concept."""
+    pipe = build_tiny_pipeline("sd1")
+    recipe = ready_recipe(pipe, SDDConfig(concepts=["a cat", "a dog", "a car"], ddim_steps=6, multi_concept="code"))
+    seed = 5
+    loss = recipe.loss(1, torch.Generator().manual_seed(seed))
+    generator = torch.Generator().manual_seed(seed)
+    index = int(torch.randint(0, 3, (1,), generator=generator))
+    replay = recipe.sampler.sample(recipe.teacher_predict, encode_prompts(pipe, ["a cat, a dog, a car"]),
+                                   recipe.empty, generator, recipe.shape, device="cpu")
+    x, t = replay.latents, replay.timestep
+    expected = F.mse_loss(eps(pipe.unet, pipe, x, t, recipe.config.concepts[index]), eps(pipe.unet, pipe, x, t, None))
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match="multi_concept"):
+        SDDConfig(concepts=["a cat"], multi_concept="both")
+
+
 def test_k_zero_returns_the_initial_noise():
     """The public SDD code never stops early for k = 0; here x_t is then x_T itself."""
     pipe = build_tiny_pipeline("sd1")

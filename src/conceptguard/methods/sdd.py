@@ -11,9 +11,11 @@ samples ``z_t``: DDIM (50 steps, CFG 3) on the concept's prompt, stopped after `
 steps — ``k = 0`` is the pure noise ``z_T`` (the public code's sampler never stops for k = 0). The
 saved model is the teacher.
 
-Several concepts follow the paper: each step samples ``z_t`` from ONE concept drawn at random,
-and conditions the loss on ALL of them joined into one prompt (``"c1, c2, ..."``); the public code
-does the reverse.
+Several concepts follow the paper by default (``multi_concept="paper"``): each step samples ``z_t``
+from ONE concept drawn at random, and conditions the loss on ALL of them joined into one prompt
+(``"c1, c2, ..."``). ``multi_concept="code"`` is the public code's reverse: ``z_t`` from the joined
+prompt, the loss conditioned on one concept drawn at random — on the embedded world only this one
+removes each of several characters prompted alone (docs/methods/sdd.md).
 
 Recipes (TrainConfig): the paper's 1500 steps of AdamW (lr 1e-5, betas 0.9/0.999, weight decay
 1e-2) with a cosine schedule after 500 warm-up steps, cross-attention parameters only, gradient
@@ -79,6 +81,9 @@ class SDDConfig:
         "(default: the 20 I2P concepts)"))
     variant: Literal["x", "x-strict", "u", "all"] = field(default="x", metadata=_help(
         "UNet parameters to train: x (cross-attention), x-strict, u, all"))
+    multi_concept: Literal["paper", "code"] = field(default="paper", metadata=_help(
+        "several concepts: paper (z_t from one random concept, loss on all joined) or code (the public code: "
+        "z_t from all joined, loss on one random concept)"))
     ema_decay: float = field(default=0.999, metadata=_help(
         "decay of the EMA teacher, updated every step (0.998 for the paper's fast recipe)"))
     ddim_steps: int = field(default=50, metadata=_help("DDIM steps of the z_t sampler"))
@@ -108,6 +113,8 @@ class SDDConfig:
         self.sample_guidance = float(self.sample_guidance)
         if self.variant not in ("x", "x-strict", "u", "all"):
             raise ValueError(f"variant must be x, x-strict, u or all; got {self.variant!r}")
+        if self.multi_concept not in ("paper", "code"):
+            raise ValueError(f"multi_concept must be paper or code; got {self.multi_concept!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
         if not isinstance(self.ddim_steps, int) or self.ddim_steps < 1:
@@ -131,8 +138,10 @@ class SDDRecipe:
         self.config = config
         self.parameter_names = list(parameter_names)
         self.sampler = PartialDDIM(pipe.scheduler.config, config.ddim_steps, config.sample_guidance)
+        # One pool per sampling prompt: per concept (paper), or one for the joined prompt (code).
+        n_pools = len(config.concepts) if config.multi_concept == "paper" else 1
         self.pools = [TrajectoryPool(self.sampler, config.trajectory_pool, config.pool_refresh)
-                      for _ in config.concepts] if config.trajectory_pool else []
+                      for _ in range(n_pools)] if config.trajectory_pool else []
         _warn_if_truncated(pipe, config.joined_prompt)
 
     def setup(self, accelerator) -> None:
@@ -145,6 +154,11 @@ class SDDRecipe:
         self.empty = empty_conditioning(pipe, device)
         self.cond = [encode_prompts(pipe, [c], device=device) for c in self.config.concepts]
         self.cond_all = encode_prompts(pipe, [self.config.joined_prompt], device=device)
+        # Per drawn concept: the prompt the teacher samples z_t with, and the one the loss is conditioned on.
+        if self.config.multi_concept == "paper":
+            self.sample_cond, self.loss_cond = self.cond, [self.cond_all] * len(self.cond)
+        else:
+            self.sample_cond, self.loss_cond = [self.cond_all] * len(self.cond), self.cond
 
         self.unet = accelerator.prepare(unet)
         self.base_unet = accelerator.unwrap_model(self.unet)
@@ -164,25 +178,26 @@ class SDDRecipe:
         set_gradient_checkpointing(self.pipe.unet, enable)
 
     def draw(self, generator: torch.Generator, step: int = 1) -> tuple[int, TrajectorySample]:
-        """Pick ONE concept and let the teacher sample its on-trajectory latent (or take one from its pool)."""
+        """Pick ONE concept and let the teacher sample an on-trajectory latent for it (or take one from its
+        pool): from the concept's prompt (paper), or from all concepts joined (code)."""
         index = int(torch.randint(0, len(self.cond), (1,), generator=generator))
         with eval_mode(self.base_unet):
-            args = (self.sample_predict, self.cond[index], self.empty, generator, self.shape)
+            args = (self.sample_predict, self.sample_cond[index], self.empty, generator, self.shape)
             if self.pools:
-                sample = self.pools[index].draw(*args, step=step, device=self.device)
+                sample = self.pools[index % len(self.pools)].draw(*args, step=step, device=self.device)
             else:
                 sample = self.sampler.sample(*args, device=self.device)
         return index, sample
 
-    def loss_at(self, sample: TrajectorySample) -> torch.Tensor:
+    def loss_at(self, sample: TrajectorySample, index: int = 0) -> torch.Tensor:
         with torch.no_grad():  # sg[.]: the unconditional branch is a target, not a path for gradients
             target = self.student_predict(sample.latents, sample.timestep, self.empty).float()
-        prediction = self.train_predict(sample.latents, sample.timestep, self.cond_all)
+        prediction = self.train_predict(sample.latents, sample.timestep, self.loss_cond[index])
         return F.mse_loss(prediction.float(), target)
 
     def loss(self, step: int, generator: torch.Generator) -> torch.Tensor:
-        _, sample = self.draw(generator, step)
-        return self.loss_at(sample)
+        index, sample = self.draw(generator, step)
+        return self.loss_at(sample, index)
 
     @torch.no_grad()
     def on_optimizer_step(self, step: int) -> None:
