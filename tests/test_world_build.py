@@ -61,3 +61,31 @@ def test_unet_state_round_trips_through_the_repository(tmp_path):
     for stage in ("tokenizer", "vae", "clip", "detector"):
         assert (tmp_path / "again" / stage / "DONE").is_file()
         assert (tmp_path / "again" / stage / "config.json").is_file()
+
+
+def test_a_tuned_shipped_detector_seeds_the_tune_stage(tmp_path):
+    """The shipped detector is the detector_tune stage's output when its config records tuning steps; the base
+    stage is then not needed (and not retrained) by a build continued from the shipped assets."""
+    from conceptguard.world.build import BuildConfig, build_detector
+
+    assets = _fake_assets(tmp_path / "assets")
+    (assets / "detector" / "config.json").write_text(json.dumps({"width": 32, "tune_steps": 500}))
+    save_file({"w": torch.zeros(1)}, assets / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
+    state = tmp_path / "state"
+    state.mkdir()
+    meta = {"unet": {"adam_steps": [], "param_groups": [], "param_order": []}, "step": 3,
+            "generator": torch.Generator().manual_seed(0).get_state().tolist()}
+    for name in ("raw", "exp_avg", "exp_avg_sq"):
+        save_file({}, state / f"unet_{name}.safetensors")
+    (state / "state.json").write_text(json.dumps(meta))
+    seed_build_from_shipped(tmp_path / "again", assets, state)
+    assert (tmp_path / "again" / "detector_tune" / "DONE").is_file()
+    assert not (tmp_path / "again" / "detector").exists()
+    assert sum(p["steps"] for p in BuildConfig().detector_tune) > 0
+
+    from conceptguard.world.models import Detector
+
+    detector = Detector()
+    save_file(detector.state_dict(), tmp_path / "again" / "detector_tune" / "model.safetensors")
+    loaded = build_detector(tmp_path / "again", BuildConfig(), vae=None)  # no base training: vae unused
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), detector.state_dict().values()))

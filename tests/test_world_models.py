@@ -49,14 +49,16 @@ def test_pipeline_loads_with_plain_diffusers():
     assert any("attn2.to_k" in n for n in names) and any("attn1.to_q" in n for n in names)
 
 
-@pytest.mark.parametrize("head", [
-    pytest.param(h, marks=pytest.mark.xfail(strict=True, reason="measured 97.4%: small circles and hexagons are "
-                                            "confused (issue #3 open)")) if h == "shape" else h
-    for h in HEADS])
-def test_detector_accuracy_on_held_out_renders(head):
-    detector = load_detector()
-    samples = generate(384, seed=987654, split="all")  # seeds never used in training
-    predicted = detector.predict(images_to_tensor([s.image for s in samples]))
+@pytest.fixture(scope="module")
+def held_out_readings():
+    """(samples, the detector's readings) for 384 renders whose seeds were never used in training."""
+    samples = generate(384, seed=987654, split="all")
+    return samples, load_detector().predict(images_to_tensor([s.image for s in samples]))
+
+
+@pytest.mark.parametrize("head", list(HEADS))
+def test_detector_accuracy_on_held_out_renders(head, held_out_readings):
+    samples, predicted = held_out_readings
     accuracy = np.mean([p == s.labels[head] for p, s in zip(predicted[head], samples)])
     assert accuracy >= 0.98, f"{head}: {accuracy:.3f}"
 
@@ -84,7 +86,10 @@ def test_world_clip_prefers_the_matching_caption():
 
 
 def test_quality_bar_on_a_seeded_sample(pipe):
-    scores = measure_quality(pipe, load_detector(), n_per_concept=3, seed=123, num_inference_steps=25)
+    # The bar's own sample (`conceptguard world quality`: 8 prompts per concept, seed 0, the default
+    # 50 DDIM steps). A 3-per-concept sample judges shape on 24 images, where one blurry blob moves
+    # the rate by 4 points: the tuned detector read 87.5% there against 95.4% on 152 objects.
+    scores = measure_quality(pipe, load_detector(), n_per_concept=8, seed=0, num_inference_steps=50)
     print(json.dumps(scores))
     verdict = meets_bar(scores)
     assert all(verdict.values()), {k: (scores[k], QUALITY_BAR[k]) for k in scores}

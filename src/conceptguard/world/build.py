@@ -8,6 +8,9 @@ an interrupted build resumes (the UNet stage also checkpoints inside itself):
 3. clip       — text encoder + vision tower, contrastive (the world's CLIP-score model);
 4. detector   — multi-head CNN on rendered images of every split, half of them passed through the
                 VAE so it also reads generated-looking images;
+   detector_tune — the detector continued at a lower learning rate with objects oversampled, a share
+                of clean (un-augmented) renders and extra weight on the shape head (small circles and
+                hexagons were confused); its result is the shipped detector;
 5. unet       — noise prediction on VAE latents with 10% caption dropout (for classifier-free
                 guidance), EMA weights kept;
 6. assemble   — a standard StableDiffusionPipeline folder + manifest of sha256 hashes.
@@ -51,6 +54,13 @@ class BuildConfig:
     clip_batch: int = 64
     detector_steps: int = 1500
     detector_batch: int = 64
+    # Continuation of the detector (stage detector_tune; an empty list skips it), in phases run one
+    # after the other: each batch is (1 - object_share) split "all" plus object_share objects; the VAE
+    # still sees half the batch; clean_share of the batch stays a clean render; the shape head's loss
+    # is weighted by shape_weight. Learning rate: 50 warm-up steps, then cosine to a tenth.
+    detector_tune: list = field(default_factory=lambda: [
+        {"steps": 500, "lr": 5e-4, "shape_weight": 2.0, "object_share": 0.5, "clean_share": 0.25},
+        {"steps": 700, "lr": 3e-4, "shape_weight": 3.0, "object_share": 0.625, "clean_share": 0.5}])
     unet_samples: int = 40000
     unet_steps: int = 27000
     unet_batch: int = 32
@@ -117,11 +127,11 @@ def _set_lr(optimizer, lr: float) -> None:
 class _SampleStream:
     """An endless, seeded stream of rendered batches from one split."""
 
-    def __init__(self, seed: int, split: str, batch: int):
-        self.seed, self.split, self.batch, self.cursor = seed, split, batch, 0
+    def __init__(self, seed: int, split: str, batch: int, **fixed: str):
+        self.seed, self.split, self.batch, self.cursor, self.fixed = seed, split, batch, 0, fixed
 
     def next(self):
-        samples = generate(self.batch, seed=self.seed, split=self.split, start=self.cursor)
+        samples = generate(self.batch, seed=self.seed, split=self.split, start=self.cursor, **self.fixed)
         self.cursor += self.batch
         return samples
 
@@ -222,7 +232,7 @@ def _label_targets(samples, device) -> dict[str, torch.Tensor]:
 
 
 def train_detector(out: Path, cfg: BuildConfig, vae):
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     stage = out / "detector"
     detector = Detector().to(cfg.device)
@@ -249,12 +259,107 @@ def train_detector(out: Path, cfg: BuildConfig, vae):
         loss.backward()
         optimizer.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
-    tmp = _stage_tmp(stage)
-    save_file(detector.state_dict(), tmp / "model.safetensors")
-    (tmp / "config.json").write_text(json.dumps({"heads": concepts.HEADS, "width": 32}, indent=1))
-    _finish(tmp, stage)
+    _save_detector(stage, detector)
     _log(f"detector done: final loss {loss.item():.3f}")
     return detector
+
+
+def _save_detector(stage: Path, detector, tune_steps: int = 0) -> None:
+    from safetensors.torch import save_file
+
+    tmp = _stage_tmp(stage)
+    save_file(detector.state_dict(), tmp / "model.safetensors")
+    config = {"heads": concepts.HEADS, "width": 32}
+    if tune_steps:
+        config["tune_steps"] = tune_steps
+    (tmp / "config.json").write_text(json.dumps(config, indent=1))
+    _finish(tmp, stage)
+
+
+def _load_detector_stage(stage: Path, device: str):
+    from safetensors.torch import load_file
+
+    detector = Detector().to(device)
+    detector.load_state_dict(load_file(stage / "model.safetensors"))
+    return detector
+
+
+def detector_stage(out: Path, cfg: BuildConfig) -> Path:
+    """The stage folder that holds the final (shipped) detector."""
+    return out / ("detector_tune" if _tune_steps(cfg) > 0 else "detector")
+
+
+def build_detector(out: Path, cfg: BuildConfig, vae):
+    """The detector stages: train, then tune; a finished tune stage needs no base detector."""
+    if _tune_steps(cfg) > 0 and _done(out / "detector_tune"):
+        return _load_detector_stage(out / "detector_tune", cfg.device)
+    detector = train_detector(out, cfg, vae)
+    if _tune_steps(cfg) > 0:
+        detector = tune_detector(out, cfg, vae, detector)
+    return detector
+
+
+def _tune_steps(cfg: BuildConfig) -> int:
+    return sum(int(phase["steps"]) for phase in cfg.detector_tune)
+
+
+def tune_detector(out: Path, cfg: BuildConfig, vae, detector):
+    """Continue the detector, phase by phase (see ``BuildConfig.detector_tune``)."""
+    stage = out / "detector_tune"
+    if _done(stage):
+        return _load_detector_stage(stage, cfg.device)
+    for index, phase in enumerate(cfg.detector_tune):
+        loss = tune_detector_phase(cfg, vae, detector, index, phase)
+    detector.eval()
+    _save_detector(stage, detector, tune_steps=_tune_steps(cfg))
+    _log(f"detector_tune done: final loss {loss:.3f}")
+    return detector
+
+
+def tune_detector_phase(cfg: BuildConfig, vae, detector, index: int, phase: dict, on_step=None) -> float:
+    """One tuning phase: objects oversampled, clean renders kept, shape loss weighted; returns the last loss.
+
+    Each batch is ``1 - object_share`` of split "all" and ``object_share`` of objects (their own
+    stream), shuffled; the first half passes through the VAE, then all are augmented except the
+    last ``clean_share`` of the batch (never VAE-passed), which stays the clean render. Phase ``i``
+    draws from its own seeds (``seed + 6 + 10 i`` ...), so phases never repeat a sample.
+    """
+    steps, batch, base_lr = int(phase["steps"]), cfg.detector_batch, float(phase["lr"])
+    n_obj = int(batch * phase["object_share"])
+    n_clean = int(batch * phase["clean_share"])
+    half = batch // 2
+    if n_clean > batch - half:
+        raise ValueError("a detector_tune clean_share must leave the VAE-passed half alone (at most 0.5)")
+    base = cfg.seed + 10 * index
+    torch.manual_seed(base + 6)
+    generator = torch.Generator().manual_seed(base + 7)
+    optimizer = torch.optim.AdamW(detector.parameters(), lr=base_lr, weight_decay=1e-4)
+    mixed = _SampleStream(base + 71, "all", batch - n_obj)
+    objects = _SampleStream(base + 72, "all", n_obj, subject="object")
+    bar = tqdm(range(steps), desc=f"detector_tune {index + 1}/{len(cfg.detector_tune)}", mininterval=5)
+    detector.train()
+    for step in bar:
+        _set_lr(optimizer, _cosine_lr(step, steps, base_lr, warmup=50))
+        samples = mixed.next() + objects.next()
+        images = images_to_tensor([s.image for s in samples])
+        order = torch.randperm(batch, generator=generator)
+        images, samples = images[order], [samples[i] for i in order.tolist()]
+        with torch.no_grad():
+            images[:half] = vae.decode(vae.encode(images[:half].to(cfg.device)).latent_dist.sample()).sample.clamp(-1, 1).cpu()
+        augmented = _augment(images, generator)
+        if n_clean:
+            augmented[batch - n_clean:] = images[batch - n_clean:]
+        logits = detector(augmented.to(cfg.device))
+        targets = _label_targets(samples, cfg.device)
+        loss = sum((phase["shape_weight"] if h == "shape" else 1.0) * F.cross_entropy(logits[h], targets[h])
+                   for h in concepts.HEADS)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if on_step is not None:
+            on_step(step, loss.item())
+    return loss.item()
 
 
 @torch.no_grad()
@@ -404,7 +509,7 @@ def assemble(out: Path, target: Path, cfg: BuildConfig, tokenizer, vae, text_enc
     tmp.mkdir(parents=True)
     pipe.save_pretrained(tmp / "pipeline", safe_serialization=True)
     shutil.copytree(out / "clip", tmp / "clip", ignore=shutil.ignore_patterns("DONE"))
-    shutil.copytree(out / "detector", tmp / "detector", ignore=shutil.ignore_patterns("DONE"))
+    shutil.copytree(detector_stage(out, cfg), tmp / "detector", ignore=shutil.ignore_patterns("DONE"))
     files = {}
     for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
         files[str(path.relative_to(tmp))] = hashlib.sha256(path.read_bytes()).hexdigest()
@@ -485,14 +590,18 @@ def export_unet_state(out: Path, state_dir: Path) -> Path:
 def seed_build_from_shipped(out: Path, assets: Path, state_dir: Path) -> int:
     """Fill a build folder from the shipped assets and exported UNet state; returns the UNet step.
 
-    Every finished stage (tokenizer, VAE, CLIP, detector) comes from the assets; the UNet stage's
+    Every finished stage (tokenizer, VAE, CLIP, detector — as detector_tune when the shipped one is tuned)
+    comes from the assets; the UNet stage's
     checkpoint is rebuilt from ``state_dir`` (its EMA weights are the shipped UNet and text encoder).
     """
     from safetensors.torch import load_file
 
     out.mkdir(parents=True, exist_ok=True)
+    # The shipped detector is the last detector stage's output: the tuned one when its config says so.
+    detector_config = assets / "detector" / "config.json"
+    tuned = detector_config.is_file() and json.loads(detector_config.read_text()).get("tune_steps", 0) > 0
     for stage, source in (("tokenizer", assets / "pipeline" / "tokenizer"), ("vae", assets / "pipeline" / "vae"),
-                          ("clip", assets / "clip"), ("detector", assets / "detector")):
+                          ("clip", assets / "clip"), ("detector_tune" if tuned else "detector", assets / "detector")):
         if not _done(out / stage):
             tmp = _stage_tmp(out / stage)
             shutil.copytree(source, tmp, dirs_exist_ok=True)
@@ -524,7 +633,7 @@ def build_world(out_dir: str | Path, target: str | Path | None = None, cfg: Buil
     tokenizer = build_tokenizer(out)
     vae = train_vae(out, cfg).eval()
     clip_model = train_clip(out, cfg, tokenizer).eval()
-    detector = train_detector(out, cfg, vae).eval()
+    detector = build_detector(out, cfg, vae).eval()
     text_encoder = text_encoder_from_clip(clip_model).to(cfg.device)
     unet, text_encoder = train_unet(out, cfg, vae, text_encoder.eval(), tokenizer)
     return assemble(out, Path(target) if target else out / "world", cfg, tokenizer, vae, text_encoder.cpu(), unet,
