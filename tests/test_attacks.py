@@ -278,9 +278,9 @@ def test_cli_prompt_attack_end_to_end(capsys, tmp_path, tiny_sd1_dir, fake_world
 
 # Per kind: TrainConfig values and RelearnConfig values for the world (docs/attacks.md).
 WORLD_SETTINGS = {
-    "finetune": (dict(steps=200, lr=2e-4), dict(batch_size=8)),
+    "finetune": (dict(steps=200, lr=1e-3), dict(batch_size=8)),
     "lora": (dict(steps=200, lr=1e-3), dict(batch_size=8, lora_rank=8)),
-    "dreambooth": (dict(steps=200, lr=2e-4), dict(batch_size=4, num_class_images=32, class_inference_steps=25)),
+    "dreambooth": (dict(steps=200, lr=5e-4), dict(batch_size=4, num_class_images=32, class_inference_steps=25)),
     "ti": (dict(steps=300, lr=5e-2), dict(batch_size=8)),
     "custom": (dict(steps=200, lr=2e-3), dict(batch_size=8)),
 }
