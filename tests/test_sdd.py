@@ -234,6 +234,10 @@ def test_a_truncated_joined_prompt_is_reported(caplog):
 
 @pytest.mark.world
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=(
+    "not reproduced on the embedded world (issue #5 open): the paper's rule leaves all five characters at "
+    "100% (250 steps at 3e-4, 400 at 1e-3); the public code's rule removes them only with collateral damage "
+    "(x-strict, 1000 steps at 3e-4: 12/0/25/12/38%, other characters 100% -> 80%). docs/methods/sdd.md"))
 def test_world_sdd_removes_five_characters_and_keeps_the_rest(tmp_path):
     from conceptguard.sampling import generate_images
     from conceptguard.world import load_detector, load_embedded_pipeline
@@ -263,7 +267,6 @@ def test_world_sdd_removes_five_characters_and_keeps_the_rest(tmp_path):
     started = time.time()
     # The paper's fast recipe (constant lr, faster EMA) cut to 250 steps (~0.7 s each on one CPU core,
     # mostly the teacher's sampler): a larger lr and an EMA with a 100-step horizon to match.
-    # First guesses, to be tuned once the world is trained.
     apply(pipe, SDDConfig(concepts=targets, ema_decay=0.99), run_dir=tmp_path / "run",
           train_config=TrainConfig(steps=250, lr=3e-4, optimizer="adamw", weight_decay=1e-2, lr_schedule="constant",
                                    progress=False))
