@@ -311,9 +311,20 @@ def world_data(tmp_path_factory):
     }
 
 
+# Textual Inversion trains one 64-d embedding row against a frozen UNet; held-out characters are
+# glyphs the UNet never learned to draw, and ESD-x's edit of the cross-attention keys/values is not
+# undone from the input side at these budgets (docs/attacks.md, "Settings for the embedded world").
+TI_HELD_OUT_XFAIL = pytest.mark.xfail(strict=True, reason=(
+    "measured: TI (300 steps, lr 5e-2, batch 8) teaches held-out drennik 0% -> 0% (6% on an earlier world; bar 70%); "
+    "the frozen UNet cannot draw a glyph it never learned"))
+TI_ESD_XFAIL = pytest.mark.xfail(strict=True, reason=(
+    "measured: TI on ESD-x-erased zorblat stays at 0% (lr 5e-2: 0/0/0 at 0/150/300 steps, 0-6% on an earlier "
+    "world; lr 5e-3 and 5e-1: 0/0/0/0 at 0/100/200/300 steps); bar 50%"))
+
+
 @pytest.mark.world
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", [pytest.param(k, marks=TI_HELD_OUT_XFAIL) if k == "ti" else k for k in KINDS])
 def test_world_relearning_teaches_a_held_out_character(kind, world_data, tmp_path):
     from conceptguard.world import load_embedded_pipeline
 
@@ -346,7 +357,7 @@ def _load(path):
 
 @pytest.mark.world
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["ti", "finetune"])
+@pytest.mark.parametrize("kind", [pytest.param("ti", marks=TI_ESD_XFAIL), "finetune"])
 def test_world_relearning_brings_back_an_esd_erased_concept(kind, esd_erased_zorblat, world_data, tmp_path):
     steps = WORLD_SETTINGS[kind][0]["steps"]
     record = _world_attack(_load(esd_erased_zorblat), kind, "zorblat", world_data["zorblat"], tmp_path / "run",

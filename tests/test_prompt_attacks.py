@@ -161,9 +161,19 @@ from test_attacks import esd_erased_zorblat  # noqa: E402,F401  (shared module f
 WORLD_PROMPT_ATTACK = dict(num_tokens=3, steps=30, lr=0.05, batch_size=4, ddim_steps=25)
 
 
+# Measured on ESD-x-erased zorblat (16 prompts): no budget tried brings a single image back, though
+# P4D's matching loss falls (docs/attacks.md, "Settings for the embedded world").
+PROMPT_ATTACK_XFAIL = {
+    "unlearndiff": "measured 0% -> 0% (3 tokens lr 0.05: 0/0/0 at 0/30/100 steps; paper's 5 tokens lr 0.01: "
+                   "0/0/0 at 0/20/40 steps)",
+    "p4d": "measured 0% -> 0% (3 tokens lr 0.05: 0/0/0 at 0/30/100 steps, loss down up to 4x on some prompts)",
+}
+
+
 @pytest.mark.world
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["unlearndiff", "p4d"])
+@pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.xfail(strict=True, reason=r))
+                                    for m, r in PROMPT_ATTACK_XFAIL.items()])
 def test_world_prompt_attacks_raise_detection_on_an_erased_model(method, esd_erased_zorblat):  # noqa: F811
     from conceptguard.attacks.curves import world_detector, world_prompts
     from conceptguard.models.io import load_pipeline
