@@ -52,8 +52,9 @@ class TableConfig:
     publisher_images: int = field(default=24, metadata=_help(
         "mask-learning images per character and of the innocent domain"))
     user_images: int = field(default=24, metadata=_help("fine-tuning images per character and of the innocent domain"))
-    finetune_steps: int = field(default=400, metadata=_help("attacker's and innocent user's fine-tuning steps"))
-    finetune_lr: float = field(default=1e-4, metadata=_help("their Adam learning rate"))
+    finetune_steps: int = field(default=300, metadata=_help("attacker's and innocent user's fine-tuning steps"))
+    finetune_lr: float = field(default=5e-4, metadata=_help(
+        "their Adam learning rate (world calibration: Full FT teaches the characters, see docs/guard.md)"))
     finetune_batch: int = field(default=4, metadata=_help("their batch size"))
     eval_images: int = field(default=16, metadata=_help("evaluation images per character and per design"))
     eval_steps: int = field(default=25, metadata=_help("sampling steps of the evaluation images"))
@@ -64,7 +65,7 @@ class TableConfig:
     mask_lr: float = field(default=0.03, metadata=_help("its step size"))
     inner_steps: int = field(default=4, metadata=_help("simulated-user steps between mask updates"))
     mask_batch: int = field(default=4, metadata=_help("images per domain in each mask-learning loss"))
-    user_lr: float = field(default=1e-4, metadata=_help("simulated user's Adam learning rate (as the attacker's)"))
+    user_lr: float = field(default=5e-4, metadata=_help("simulated user's Adam learning rate (as the attacker's)"))
     init_steps: int = field(default=150, metadata=_help("steps that fully fine-tune W_ft before the first mask update"))
     sparsity_weight: float = field(default=1.0, metadata=_help("c in c * (rho - mean(m))^2"))
 
