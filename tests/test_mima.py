@@ -180,6 +180,10 @@ def _personalization_rate(pipe, character: str, folder: str, run_dir) -> float:
 
 @pytest.mark.world
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=(
+    "measured 2026-12-02 (issue #8 open): the 60-step LoRA attacker personalizes the PLAIN model too weakly "
+    "for the checks to mean anything: yulbar 31%, drennik 0%, ospera 0%, cavix 0% (MSGR on yulbar alone: MIMA "
+    "0.8, IMMA 0.2). Needs the attacks' world budget (LoRA 200 steps: drennik 88%), about 12 min on one core"))
 def test_mima_lowers_personalization_of_three_characters_and_keeps_a_fourth(tmp_path):
     """MSGR > 0 on yulbar/drennik/ospera under LoRA; cavix personalizes at >= 90% of the plain model.
 
@@ -215,5 +219,7 @@ def test_mima_lowers_personalization_of_three_characters_and_keeps_a_fourth(tmp_
         if method == "mima":
             kept = _personalization_rate(pipe, "cavix", folders["cavix"], tmp_path / "mima-cavix")
     print(f"MSGR (detection rate): {scores}; plain rates {without}; cavix after MIMA {kept}")
+    # Without these the checks below pass vacuously (an SGR over one character, a kept rate of 0 >= 0).
+    assert min(without.values()) >= 0.5, f"the attacker did not personalize the plain model: {without}"
     assert scores["mima"] > 0.2
     assert kept >= 0.9 * without["cavix"]
