@@ -183,7 +183,8 @@ def _personalization_rate(pipe, character: str, folder: str, run_dir) -> float:
 @pytest.mark.xfail(strict=True, reason=(
     "measured 2026-12-02 (issue #8 open): the 60-step LoRA attacker personalizes the PLAIN model too weakly "
     "for the checks to mean anything: yulbar 31%, drennik 0%, ospera 0%, cavix 0% (MSGR on yulbar alone: MIMA "
-    "0.8, IMMA 0.2). Needs the attacks' world budget (LoRA 200 steps: drennik 88%), about 12 min on one core"))
+    "0.8, IMMA 0.2). With LoRA at 200 steps the plain model learns yulbar 81%, drennik 62%, ospera 0%, cavix "
+    "75%, and the immunization barely holds: MSGR MIMA 0.015, IMMA -0.023; cavix after MIMA 56%"))
 def test_mima_lowers_personalization_of_three_characters_and_keeps_a_fourth(tmp_path):
     """MSGR > 0 on yulbar/drennik/ospera under LoRA; cavix personalizes at >= 90% of the plain model.
 
