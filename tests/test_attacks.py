@@ -110,6 +110,42 @@ def test_textual_inversion_changes_only_the_new_row(family, tmp_path):
     assert not pipe.text_encoder.get_input_embeddings()._forward_hooks
 
 
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_multi_vector_textual_inversion_trains_one_row_per_vector(family, tmp_path):
+    pipe = build_tiny_pipeline(family)
+    before = _states(pipe)
+    result = relearn(pipe, _data(), "cat", tmp_path / "run", config=RelearnConfig(kind="ti", batch_size=2, num_vectors=3),
+                     train_config=TrainConfig(steps=3, lr=1e-1, **FAST))
+    after = _states(pipe)
+    assert _changed(before, after) == set(result.trained)
+    for name in result.trained:
+        old, new = before[name], after[name]
+        assert new.shape[0] == old.shape[0] + 3 and torch.equal(new[:-3], old)
+        assert all(not torch.equal(new[-3 + j], new[-3 + k]) for j, k in ((0, 1), (0, 2), (1, 2)))  # trained apart
+    assert pipe.tokenizer.convert_ids_to_tokens(list(range(len(pipe.tokenizer) - 3, len(pipe.tokenizer)))) == [
+        "<cat>", "<cat>_1", "<cat>_2"]
+    # The pipeline expands the placeholder to its three tokens, as diffusers does for loaded embeddings.
+    ids = pipe.tokenizer(pipe.maybe_convert_prompt("a photo of <cat>", pipe.tokenizer)).input_ids
+    assert ids[-4:-1] == pipe.tokenizer.convert_tokens_to_ids(["<cat>", "<cat>_1", "<cat>_2"])
+
+
+def test_multi_vector_embeddings_load_in_plain_diffusers(tmp_path):
+    from safetensors.torch import load
+
+    from conceptguard.diffusion import encode_prompts
+
+    pipe = build_tiny_pipeline("sd1")
+    result = relearn(pipe, _data(), "cat", tmp_path / "run", config=RelearnConfig(kind="ti", batch_size=2, num_vectors=2),
+                     train_config=TrainConfig(steps=2, lr=1e-1, **FAST))
+    embeds = load(result.extra_files["learned_embeds.safetensors"])
+    assert embeds["<cat>"].shape == (2, pipe.text_encoder.config.hidden_size)
+    fresh = build_tiny_pipeline("sd1")
+    fresh.load_textual_inversion(embeds, token="<cat>")
+    with torch.no_grad():
+        torch.testing.assert_close(encode_prompts(fresh, ["a photo of <cat>"]).embeds,
+                                   encode_prompts(pipe, ["a photo of <cat>"]).embeds)
+
+
 def test_custom_diffusion_changes_only_cross_attention_keys_and_values(tmp_path):
     pipe = build_tiny_pipeline("sd1")
     before = _states(pipe)

@@ -103,6 +103,8 @@ class RelearnConfig:
     placeholder: str | None = field(default=None, metadata=_help("[ti] new token (default: <concept>)"))
     initializer: str | None = field(default=None, metadata=_help(
         "[ti] word(s) whose embedding starts the new token (default: the concept's name)"))
+    num_vectors: int = field(default=1, metadata=_help(
+        "[ti] embedding vectors the placeholder stands for (diffusers' multi-vector textual inversion)"))
     class_seed: int = field(default=0, metadata=_help("[dreambooth, custom] seed of the first class image"))
 
     def __post_init__(self) -> None:
@@ -110,6 +112,8 @@ class RelearnConfig:
             raise ValueError(f"kind must be one of {', '.join(KINDS)}; got {self.kind!r}")
         if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
             raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        if self.num_vectors < 1:
+            raise ValueError(f"num_vectors must be positive, got {self.num_vectors}")
         if self.lora_rank < 1:
             raise ValueError(f"lora_rank must be positive, got {self.lora_rank}")
         if self.num_class_images < 1 or self.class_inference_steps < 1:
@@ -207,12 +211,12 @@ class TextualInversionRecipe:
     """Trains only the placeholder token's embedding row(s); the UNet and encoders stay frozen."""
 
     def __init__(self, pipe, images: torch.Tensor, captions: Sequence[str], placeholder: str, initializer: str,
-                 batch_size: int = 4):
+                 batch_size: int = 4, num_vectors: int = 1):
         if not any(mentions(c, placeholder) for c in captions):
             raise ConceptGuardError(f"no caption contains the placeholder {placeholder!r}")
         self.pipe, self.images, self.captions = pipe, images, list(captions)
         self.placeholder, self.initializer = placeholder, initializer
-        self.batch_size = batch_size
+        self.batch_size, self.num_vectors = batch_size, num_vectors
         self.scheduler = training_scheduler(pipe)
         self.token: PlaceholderToken | None = None
 
@@ -222,7 +226,7 @@ class TextualInversionRecipe:
         for module in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
             if module is not None:
                 module.requires_grad_(False)
-        self.token = PlaceholderToken(pipe, self.placeholder, self.initializer)
+        self.token = PlaceholderToken(pipe, self.placeholder, self.initializer, self.num_vectors)
         self.token.attach()
         self.latent_mean, self.latent_std = encode_images(pipe, self.images)
         self.device = accelerator.device
@@ -373,7 +377,8 @@ def build_recipe(pipe, images: torch.Tensor, captions: Sequence[str], concept: s
 
     if config.kind == "ti":
         placeholder, initializer = config.trigger(concept), config.initializer or concept
-        recipe = TextualInversionRecipe(pipe, images, instance, placeholder, initializer, batch_size=batch)
+        recipe = TextualInversionRecipe(pipe, images, instance, placeholder, initializer, batch_size=batch,
+                                        num_vectors=config.num_vectors)
         names = ["text_encoder", "text_encoder_2"]
         trained = [f"{names[i]}.{embedding_weight_name(encoder)}" for i, (_, encoder) in enumerate(text_encoders(pipe))]
 

@@ -71,39 +71,47 @@ def word_embedding(tokenizer, encoder: torch.nn.Module, text: str) -> torch.Tens
 class PlaceholderToken:
     """A new token ``placeholder`` whose embedding rows are the only trainable weights.
 
-    ``vectors[i]`` is the fp32 master copy of the new row of encoder ``i``. The rows of every other
-    token are never written, and get no gradient: the table itself stays frozen.
+    With ``num_vectors = N > 1`` the placeholder stands for N tokens — ``placeholder``,
+    ``placeholder_1`` … ``placeholder_{N-1}`` — as in diffusers' multi-vector Textual Inversion:
+    its pipelines expand the placeholder in a prompt to all N tokens (``maybe_convert_prompt``), so
+    prompts keep naming it once. ``vectors[i][j]`` is the fp32 master copy of token j's new row in
+    encoder i. The rows of every other token are never written and get no gradient: the table
+    itself stays frozen.
     """
 
-    def __init__(self, pipe, placeholder: str, initializer: str):
+    def __init__(self, pipe, placeholder: str, initializer: str, num_vectors: int = 1):
+        if num_vectors < 1:
+            raise ConceptGuardError(f"num_vectors must be positive, got {num_vectors}")
         self.placeholder = placeholder
-        self.token_ids: list[int] = []
-        self.vectors: list[torch.nn.Parameter] = []
+        self.tokens = [placeholder] + [f"{placeholder}_{j}" for j in range(1, num_vectors)]
+        self.token_ids: list[list[int]] = []
+        self.vectors: list[list[torch.nn.Parameter]] = []
         self._hooks: list = []
         self._pairs = text_encoders(pipe)
         for tokenizer, encoder in self._pairs:
-            if placeholder in tokenizer.get_vocab():
+            taken = [t for t in self.tokens if t in tokenizer.get_vocab()]
+            if taken:
                 raise ConceptGuardError(
-                    f"the token {placeholder!r} already exists in the tokenizer; choose another --placeholder")
+                    f"the token {taken[0]!r} already exists in the tokenizer; choose another --placeholder")
             init = word_embedding(tokenizer, encoder, initializer)
-            tokenizer.add_tokens([placeholder])
-            token_id = tokenizer.convert_tokens_to_ids(placeholder)
+            tokenizer.add_tokens(self.tokens)
+            ids = tokenizer.convert_tokens_to_ids(self.tokens)
             table = embedding_table(encoder)
-            if token_id >= table.num_embeddings:
+            if max(ids) >= table.num_embeddings:
                 # Rows beyond the old table are overwritten below, so the resize needs no clever init.
-                encoder.resize_token_embeddings(token_id + 1, mean_resizing=False)
+                encoder.resize_token_embeddings(max(ids) + 1, mean_resizing=False)
                 table = embedding_table(encoder)
             with torch.no_grad():
-                table.weight[token_id] = init.to(table.weight.dtype)
-            self.token_ids.append(token_id)
-            self.vectors.append(torch.nn.Parameter(init.clone().to(table.weight.device)))
+                table.weight[ids] = init.to(table.weight.dtype)
+            self.token_ids.append(list(ids))
+            self.vectors.append([torch.nn.Parameter(init.clone().to(table.weight.device)) for _ in ids])
 
     def attach(self) -> None:
         """Start substituting the trainable vectors (idempotent)."""
         if self._hooks:
             return
-        for (_, encoder), token_id, vector in zip(self._pairs, self.token_ids, self.vectors):
-            self._hooks.append(embedding_table(encoder).register_forward_hook(_substitute_id(token_id, vector)))
+        for (_, encoder), ids, vectors in zip(self._pairs, self.token_ids, self.vectors):
+            self._hooks.append(embedding_table(encoder).register_forward_hook(_substitute_ids(ids, vectors)))
 
     def detach(self) -> None:
         """Stop substituting; the rows written by :meth:`sync` remain."""
@@ -114,35 +122,35 @@ class PlaceholderToken:
     @torch.no_grad()
     def sync(self) -> None:
         """Copy the trainable vectors into the embedding tables' new rows."""
-        for (_, encoder), token_id, vector in zip(self._pairs, self.token_ids, self.vectors):
+        for (_, encoder), ids, vectors in zip(self._pairs, self.token_ids, self.vectors):
             table = embedding_table(encoder)
-            table.weight[token_id] = vector.to(table.weight.dtype)
+            table.weight[ids] = torch.stack(list(vectors)).to(table.weight.dtype)
 
     def named_vectors(self) -> dict[str, torch.nn.Parameter]:
         names = ["text_encoder", "text_encoder_2"]
-        return {f"{names[i]}.token_embedding[{self.placeholder}]": v for i, v in enumerate(self.vectors)}
+        return {f"{names[i]}.token_embedding[{token}]": vector
+                for i, vectors in enumerate(self.vectors) for token, vector in zip(self.tokens, vectors)}
 
     def learned_embeds(self) -> dict[str, torch.Tensor]:
-        """The learned rows in diffusers' ``load_textual_inversion`` format (one file per encoder)."""
-        return {self.placeholder: self.vectors[0].detach().cpu().clone()} if len(self.vectors) == 1 else {
-            "clip_l": self.vectors[0].detach().cpu().clone()[None],
-            "clip_g": self.vectors[1].detach().cpu().clone()[None]}
+        """The learned rows in diffusers' ``load_textual_inversion`` format (one file per encoder;
+        several vectors are one (N, dim) tensor under the placeholder, which diffusers expands)."""
+        rows = [torch.stack([v.detach().cpu().clone() for v in vectors]) for vectors in self.vectors]
+        if len(rows) == 1:
+            return {self.placeholder: rows[0][0] if len(self.tokens) == 1 else rows[0]}
+        return {"clip_l": rows[0], "clip_g": rows[1]}
 
 
-def _substitute_id(token_id: int, vector: torch.Tensor):
+def _substitute_ids(token_ids: Sequence[int], vectors: Sequence[torch.Tensor]):
     def hook(module, inputs, output):
         (ids,) = inputs
-        where = (ids == token_id).unsqueeze(-1)
-        if not bool(where.any()):
-            return output
-        return torch.where(where, vector.to(output.dtype), output)
+        for token_id, vector in zip(token_ids, vectors):
+            where = (ids == token_id).unsqueeze(-1)
+            if bool(where.any()):
+                output = torch.where(where, vector.to(output.dtype), output)
+        return output
 
     return hook
 
-
-# --------------------------------------------------------------------------------------------
-# Prompt attacks: vectors at fixed positions after the start token, projected to real tokens
-# --------------------------------------------------------------------------------------------
 
 def candidate_token_ids(tokenizer, encoder: torch.nn.Module) -> torch.Tensor:
     """Ids a hard prompt may use: the base vocabulary, without special or added tokens."""
