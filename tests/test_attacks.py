@@ -226,6 +226,37 @@ def test_relearn_attack_writes_a_curve_the_report_reads(tmp_path):
                                                            (2.0, saved["curve"][2]["detection"])]
 
 
+def test_attacks_on_several_models_share_one_report_chart(tmp_path, monkeypatch):
+    from conceptguard.report import html, plots
+
+    prompts = [EvalPrompt("a photo of cat", 1), EvalPrompt("a cat in the city", 2)]
+    runs = []
+    for name, scale in (("plain", 1.0), ("defended", -1.0)):
+        pipe = build_tiny_pipeline("sd1")
+        with torch.no_grad():
+            for param_name, param in pipe.unet.named_parameters():
+                if "attn2.to_v" in param_name:
+                    param.mul_(scale)
+        _, record = relearn_attack(pipe, _data(), "cat", tmp_path / name, config=RelearnConfig(kind="lora", batch_size=2),
+                                   train_config=TrainConfig(steps=2, lr=1e-2, **FAST), checkpoints=[0, 2],
+                                   prompts=prompts, detector=lambda images: images.mean(axis=(1, 2, 3)) > 127,
+                                   settings=GenerationSettings(num_inference_steps=2), model_name=name)
+        runs.append((tmp_path / name, record))
+    drawn = {}
+    real = plots.recovery_curves
+
+    def spy(title, curves, **kwargs):
+        drawn[title] = dict(curves)
+        return real(title, curves, **kwargs)
+
+    monkeypatch.setattr(plots, "recovery_curves", spy)
+    written = html.build_report([path for path, _ in runs], tmp_path / "report.html")
+    assert "recovery" in written and "<h2>Attacks</h2>" in written["html"].read_text()
+    (curves,) = drawn.values()  # one chart, one line per model
+    assert curves == {f"{name} / lora / cat": [(float(p["step"]), p["detection"]) for p in record["curve"]]
+                      for name, record in ((path.name, record) for path, record in runs)}
+
+
 # --------------------------------------------------------------------------------------------
 # The command line
 # --------------------------------------------------------------------------------------------
@@ -317,16 +348,17 @@ WORLD_SETTINGS = {
     "finetune": (dict(steps=200, lr=1e-3), dict(batch_size=8)),
     "lora": (dict(steps=200, lr=1e-3), dict(batch_size=8, lora_rank=8)),
     "dreambooth": (dict(steps=200, lr=5e-4), dict(batch_size=4, num_class_images=32, class_inference_steps=25)),
-    "ti": (dict(steps=300, lr=5e-2), dict(batch_size=8)),
+    # A held-out glyph needs several vectors (diffusers' multi-vector TI); one is 0% at any lr tried.
+    "ti": (dict(steps=1000, lr=1e-1), dict(batch_size=8, num_vectors=8)),
     "custom": (dict(steps=200, lr=2e-3), dict(batch_size=8)),
 }
 
 
-def _world_attack(pipe, kind, concept, folder, run_dir, checkpoints=None):
+def _world_attack(pipe, kind, concept, folder, run_dir, checkpoints=None, settings=None):
     from conceptguard.attacks.curves import world_detector, world_prompts
     from conceptguard.attacks.relearn import default_train_config
 
-    train_values, attack_values = WORLD_SETTINGS[kind]
+    train_values, attack_values = settings or WORLD_SETTINGS[kind]
     steps = train_values["steps"]
     train_config = default_train_config(kind, {**train_values, **FAST})
     _, record = relearn_attack(pipe, folder, concept, run_dir, config=RelearnConfig(kind=kind, **attack_values),
@@ -347,15 +379,11 @@ def world_data(tmp_path_factory):
     }
 
 
-# Textual Inversion trains one 64-d embedding row against a frozen UNet; held-out characters are
-# glyphs the UNet never learned to draw, and ESD-x's edit of the cross-attention keys/values is not
-# undone from the input side at these budgets (docs/attacks.md, "Settings for the embedded world").
+# A held-out glyph is out of reach of one TI vector at any lr tried; eight vectors come close to the bar
+# but do not hold it (docs/attacks.md).
 TI_HELD_OUT_XFAIL = pytest.mark.xfail(strict=True, reason=(
-    "measured: TI (300 steps, lr 5e-2, batch 8) teaches held-out drennik 0% -> 0% (6% on an earlier world; bar 70%); "
-    "the frozen UNet cannot draw a glyph it never learned"))
-TI_ESD_XFAIL = pytest.mark.xfail(strict=True, reason=(
-    "measured: TI on ESD-x-erased zorblat stays at 0% (lr 5e-2: 0/0/0 at 0/150/300 steps, 0-6% on an earlier "
-    "world; lr 5e-3 and 5e-1: 0/0/0/0 at 0/100/200/300 steps); bar 50%"))
+    "measured: multi-vector TI (8 vectors, lr 0.1, batch 8) teaches held-out drennik 0% -> 66% at 1000 steps "
+    "(bar 70%); 53%/72% at 1250/1500 steps; cosine schedule 59/56/59%; one vector 0% at lr 5e-2..0.2"))
 
 
 @pytest.mark.world
@@ -371,7 +399,10 @@ def test_world_relearning_teaches_a_held_out_character(kind, world_data, tmp_pat
 
 @pytest.fixture(scope="module")
 def esd_erased_zorblat(tmp_path_factory):
-    """ESD-x erasing the seen character zorblat, with world settings (a copy is loaded per test)."""
+    """ESD-x erasing the seen character zorblat (a copy is loaded per test): 150 steps at lr 1e-4, the
+    gentlest world setting measured to erase it (16/16 -> 0/16 images), as the paper's lr 1e-5 is the
+    gentlest that erases on SD. At lr 5e-4 (five times the step) no attack that leaves the UNet as it
+    is (Textual Inversion, adversarial prompts) brought it back (docs/attacks.md)."""
     from conceptguard.methods.esd import ESDConfig
     from conceptguard.methods.esd import apply as esd
     from conceptguard.methods.trajectory import train_config_with_defaults
@@ -380,7 +411,7 @@ def esd_erased_zorblat(tmp_path_factory):
     pipe = load_embedded_pipeline()
     folder = tmp_path_factory.mktemp("esd")
     esd(pipe, ESDConfig(concepts=["zorblat"], variant="x", ddim_steps=20), run_dir=folder / "run",
-        train_config=train_config_with_defaults(ESDConfig.default_train, {"steps": 150, "lr": 5e-4, **FAST}))
+        train_config=train_config_with_defaults(ESDConfig.default_train, {"steps": 150, "lr": 1e-4, **FAST}))
     pipe.save_pretrained(folder / "pipeline", safe_serialization=True)
     return folder / "pipeline"
 
@@ -393,11 +424,13 @@ def _load(path):
 
 @pytest.mark.world
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", [pytest.param("ti", marks=TI_ESD_XFAIL), "finetune"])
+@pytest.mark.parametrize("kind", ["ti", "finetune"])
 def test_world_relearning_brings_back_an_esd_erased_concept(kind, esd_erased_zorblat, world_data, tmp_path):
-    steps = WORLD_SETTINGS[kind][0]["steps"]
+    # The erased character is one the UNet can still draw: one TI vector suffices (Pham et al.).
+    settings = (dict(steps=300, lr=5e-2), dict(batch_size=8)) if kind == "ti" else WORLD_SETTINGS[kind]
+    steps = settings[0]["steps"]
     record = _world_attack(_load(esd_erased_zorblat), kind, "zorblat", world_data["zorblat"], tmp_path / "run",
-                           checkpoints=[0, steps // 2, steps])
+                           checkpoints=[0, steps // 2, steps], settings=settings)
     curve = [p["detection"] for p in record["curve"]]
     assert curve[0] <= 0.3, curve  # erased
     assert curve[-1] >= curve[0] + 0.3 and curve[-1] >= 0.5, curve  # and back

@@ -158,22 +158,14 @@ def test_prompt_attack_needs_its_references(tiny_sd1):
 
 from test_attacks import esd_erased_zorblat  # noqa: E402,F401  (shared module fixture)
 
-WORLD_PROMPT_ATTACK = dict(num_tokens=3, steps=30, lr=0.05, batch_size=4, ddim_steps=25)
-
-
-# Measured on ESD-x-erased zorblat (16 prompts): no budget tried brings a single image back, though
-# P4D's matching loss falls (docs/attacks.md, "Settings for the embedded world").
-PROMPT_ATTACK_XFAIL = {
-    "unlearndiff": "measured 0% -> 0% (3 tokens lr 0.05: 0/0/0 at 0/30/100 steps; paper's 5 tokens lr 0.01: "
-                   "0/0/0 at 0/20/40 steps)",
-    "p4d": "measured 0% -> 0% (3 tokens lr 0.05: 0/0/0 at 0/30/100 steps, loss down up to 4x on some prompts)",
-}
+# UnlearnDiffAtk's 5 prepended tokens for both methods; a larger step than the paper's 0.01 for the
+# tiny world's 64-d embeddings. Against the fixture's ESD-x model both measured 0/16 -> 3/16 at 30 steps.
+WORLD_PROMPT_ATTACK = dict(num_tokens=5, steps=30, lr=0.05, batch_size=4, ddim_steps=25)
 
 
 @pytest.mark.world
 @pytest.mark.slow
-@pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.xfail(strict=True, reason=r))
-                                    for m, r in PROMPT_ATTACK_XFAIL.items()])
+@pytest.mark.parametrize("method", ["unlearndiff", "p4d"])
 def test_world_prompt_attacks_raise_detection_on_an_erased_model(method, esd_erased_zorblat):  # noqa: F811
     from conceptguard.attacks.curves import world_detector, world_prompts
     from conceptguard.models.io import load_pipeline
@@ -183,4 +175,5 @@ def test_world_prompt_attacks_raise_detection_on_an_erased_model(method, esd_era
     points, _, _ = prompt_attack(load_pipeline(esd_erased_zorblat), world_prompts("zorblat", n=16),
                                  world_detector("zorblat"), config=config, original=load_embedded_pipeline(),
                                  checkpoints=[0, config.steps])
-    assert points[-1].detection > points[0].detection, points
+    # At least two more images of 16 than the plain prompts: not a single-image fluke.
+    assert points[-1].detection >= points[0].detection + 2 / 16, points

@@ -57,8 +57,8 @@ def _world_attacks() -> dict[str, dict[str, Any]]:
         "dreambooth": dict(lr=2e-4, batch_size=4, num_class_images=32, class_inference_steps=25),
         "ti": dict(lr=5e-2, batch_size=4),
         "custom": dict(lr=2e-3, batch_size=4),
-        "unlearndiff": dict(steps=30, lr=0.05, num_tokens=3, batch_size=4),
-        "p4d": dict(steps=30, lr=0.05, num_tokens=3, batch_size=4, ddim_steps=25),
+        "unlearndiff": dict(steps=30, lr=0.05, num_tokens=5, batch_size=4),
+        "p4d": dict(steps=30, lr=0.05, num_tokens=5, batch_size=4, ddim_steps=25),
     }
 
 
