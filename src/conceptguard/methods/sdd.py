@@ -14,8 +14,10 @@ saved model is the teacher.
 Several concepts follow the paper by default (``multi_concept="paper"``): each step samples ``z_t``
 from ONE concept drawn at random, and conditions the loss on ALL of them joined into one prompt
 (``"c1, c2, ..."``). ``multi_concept="code"`` is the public code's reverse: ``z_t`` from the joined
-prompt, the loss conditioned on one concept drawn at random — on the embedded world only this one
-removes each of several characters prompted alone (docs/methods/sdd.md).
+prompt, the loss conditioned on one concept drawn at random. On the embedded world neither meets the
+five-character claim: the paper's rule leaves every character at 100 % (the world's cross-attention
+renders the joined prompt as one blend, whatever ``z_t`` shows), the code's removes them only with the
+other characters (docs/methods/sdd.md).
 
 Recipes (TrainConfig): the paper's 1500 steps of AdamW (lr 1e-5, betas 0.9/0.999, weight decay
 1e-2) with a cosine schedule after 500 warm-up steps, cross-attention parameters only, gradient
