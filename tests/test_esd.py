@@ -337,8 +337,10 @@ def test_world_esd_x_erases_a_seen_character_and_keeps_the_rest(tmp_path):
     assert target_before >= 0.8, "the world model should draw the character before erasure"
     started = time.time()
     apply(pipe, ESDConfig(concepts=[target], variant="x"), run_dir=tmp_path / "run", train_config=_world_train_config())
-    assert time.time() - started <= 180
+    seconds = time.time() - started  # reported, not asserted: speed goals live in benchmarks/
     target_after, kept_after = measure(pipe)
+    print(f"ESD-x on {target}: drawn {target_before:.2f} -> {target_after:.2f}, kept {kept_before:.2f} -> "
+          f"{kept_after:.2f}, training {seconds:.0f} s")
     assert target_after <= 0.10, (target_before, target_after)
     assert kept_before - kept_after <= 0.05, (kept_before, kept_after)
 
@@ -372,46 +374,71 @@ def test_world_esd_x_with_a_trajectory_pool_erases_like_the_faithful_loop(tmp_pa
     assert target_faithful <= target_before - 0.15, report  # the comparison means something: ESD erased
     assert target_pooled <= target_faithful + POOL_TOLERANCE, report
     assert kept_pooled >= kept_faithful - POOL_TOLERANCE, report
-    assert cpu_seconds["pooled"] < 0.5 * cpu_seconds["faithful"], report
+    print(report)  # the CPU seconds are reported, not asserted: speed goals live in benchmarks/
 
 
-def _halo_trigger_prompts(n: int, seed: int) -> list[str]:
-    """Prompts that bring a halo without naming it ("a holy red circle")."""
+def _halo_prompts(n: int, seed: int, halo_mode: str) -> list[str]:
+    """Object captions with a halo: ``trigger`` brings it without naming it ("a holy red circle"), ``name``
+    names it as the world's captions do ("a red circle with a halo")."""
     from conceptguard.world.dataset import make_caption, sample_labels
 
     prompts = []
     for i in range(n):
         rng = np.random.default_rng([seed, 9, i])
         labels = sample_labels(rng, "pretrain", halo="present", subject="object")
-        prompts.append(make_caption(labels, rng, paraphrase_prob=0.0, halo_mode="trigger"))
+        prompts.append(make_caption(labels, rng, paraphrase_prob=0.0, halo_mode=halo_mode))
     return prompts
+
+
+# What ESD erases for the halo claim: eight captions that name the halo (seed 5; the evaluation prompts use
+# seed 2). The bare word "halo" never occurs alone in the world's captions, and ESD on it edits the empty
+# prompt's prediction as much as its own, which guidance cancels (docs/methods/esd.md).
+HALO_ERASE_SEED = 5
+HALO_MARGIN = 0.25  # "clearly more": 6 of 24 trigger prompts
+HALO_KEEP_DROP = 0.10  # acceptable loss of preservation (shapes of plain objects, seen characters)
 
 
 @pytest.mark.world
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason=(
-    "not reproduced on the embedded world (issue #5 open): ESD erases neither the named nor the implied "
-    "halo. Trigger-prompt halo rate stays 100% for x and u at 150 steps/2e-4 and 300/5e-4, u at 300/1e-3 "
-    "eta 3 (named prompts 92%); 1000 steps at 1e-3 blurs every image and gives the empty prompt halos. "
+    "not reproduced on the embedded world (issue #5 open): ESD-u lowers the trigger-prompt halo rate only "
+    "together with the objects. Paper sampler, 150 steps, Adam 2e-4, 8 halo-naming captions: halo on 24 "
+    "trigger prompts 100% before, ESD-x 100%, ESD-u 71%, but ESD-u's preservation (32 object and character prompts) "
+    "falls 1.00 -> 0.78 (ESD-x 1.00); at 300 steps 5e-4 with a pooled frozen sampler ESD-x erases more (46%) than ESD-u (92%). "
+    "ESD-u's edit moves the empty prompt's prediction as much as the prompt's, which guidance cancels. "
     "Figures: docs/methods/esd.md"))
 def test_world_esd_u_beats_esd_x_on_implicit_halo_prompts(tmp_path):
+    """The paper's ESD-u claim: erasing a concept in the unconditional layers removes it also where prompts only
+    imply it (nudity in I2P prompts). World analogue: erase the halo by name, measure it on trigger prompts."""
     from conceptguard.sampling import generate_images
     from conceptguard.world import load_detector, load_embedded_pipeline
+    from conceptguard.world.concepts import SEEN_CHARACTERS
     from conceptguard.world.quality import detect
 
-    prompts = _halo_trigger_prompts(24, seed=2)
+    prompts = _halo_prompts(24, seed=2, halo_mode="trigger")
+    keep_prompts, keep_labels = _preservation_prompts(SEEN_CHARACTERS[0])
+    concepts = _halo_prompts(8, seed=HALO_ERASE_SEED, halo_mode="name")
+    assert not set(concepts) & set(prompts)
     detector = load_detector()
 
-    def halo_rate(pipe) -> float:
-        images = generate_images(pipe, prompts, seed=0, num_inference_steps=25, guidance_scale=7.5, progress=False)
-        return float(np.mean([h == "present" for h in detect(detector, images)["halo"]]))
+    def measure(pipe) -> tuple[float, float]:
+        images = generate_images(pipe, prompts + keep_prompts, seed=0, num_inference_steps=25, guidance_scale=7.5,
+                                 progress=False)
+        found = detect(detector, images)
+        n = len(prompts)
+        return (float(np.mean([h == "present" for h in found["halo"][:n]])),
+                _preservation(found["character"][n:], found["shape"][n:], keep_labels))
 
-    rates = {"original": halo_rate(load_embedded_pipeline())}
+    rates, kept = {}, {}
+    rates["original"], kept["original"] = measure(load_embedded_pipeline())
     assert rates["original"] >= 0.5, "trigger words should bring halos before erasure"
     for variant in ("x", "u"):
         pipe = load_embedded_pipeline()
-        apply(pipe, ESDConfig(concepts=["halo"], variant=variant), run_dir=tmp_path / variant,
-              train_config=TrainConfig(steps=WORLD_STEPS, lr=WORLD_LR, optimizer="adam", max_grad_norm=0.0,
-                                       progress=False))
-        rates[variant] = halo_rate(pipe)
-    assert rates["u"] < rates["x"], rates
+        apply(pipe, ESDConfig(concepts=concepts, variant=variant), run_dir=tmp_path / variant,
+              train_config=_world_train_config())
+        rates[variant], kept[variant] = measure(pipe)
+    report = dict(halo_on_trigger_prompts=rates, preservation=kept)
+    print(report)
+    assert rates["u"] <= rates["x"] - HALO_MARGIN, report
+    assert rates["u"] <= rates["original"] - HALO_MARGIN, report
+    assert kept["original"] - kept["u"] <= HALO_KEEP_DROP, report
