@@ -150,3 +150,33 @@ def test_registered_and_bad_configs_refused():
         IMMAConfig(concepts=["a"], inner_steps=0)
     with pytest.raises(ConceptGuardError, match="--data"):
         apply(build_tiny_pipeline("sd1"), IMMAConfig(concepts=["a"]), run_dir="unused", train_config=quick())
+
+
+def test_prior_data_pins_the_model_on_the_publishers_own_images_and_captions(yulbar_dir, tmp_path):
+    """With ``prior_data`` the prior term draws the publisher's images under *their* captions (not the
+    concept images under generic prompts); it is zero at the original weights and grows as θ moves."""
+    from accelerate import Accelerator
+
+    from conceptguard.methods.imma import prior_term
+    from conceptguard.methods.trajectory import functional_predictor, module_predictor
+    from conceptguard.world.dataset import export_folder, generate
+
+    keep = export_folder(generate(3, 5, "pretrain", subject="character"), tmp_path / "keep")
+    pipe = build_tiny_pipeline("sd1")
+    config = IMMAConfig(concepts=["yulbar"], data=[str(yulbar_dir)], prior_data=[str(keep)], prior_batch_size=3)
+    images = torch.zeros(4, 3, 16, 16)
+    term = prior_term(pipe, config, images, Accelerator(cpu=True).device)
+    expected = sorted(line for line in (keep / "metadata.jsonl").read_text().splitlines())
+    assert len(term.captions) == 3 and all(c in "".join(expected) for c in term.captions)
+    original = functional_predictor(pipe.unet, {n: p.detach().clone() for n, p in pipe.unet.named_parameters()})
+    live = module_predictor(pipe.unet)
+    assert term.loss(live, original, torch.Generator().manual_seed(0)) == 0
+    with torch.no_grad():
+        for name, param in pipe.unet.named_parameters():
+            if "attn2.to_v" in name:
+                param.add_(0.05)
+    assert term.loss(live, original, torch.Generator().manual_seed(0)) > 0
+    # Without prior_data: the concept images, captioned with the generic prompts in turn.
+    default = prior_term(pipe, IMMAConfig(concepts=["yulbar"], data=[str(yulbar_dir)]), images,
+                         Accelerator(cpu=True).device)
+    assert default.captions == list(config.regularization_prompts[:4])

@@ -58,6 +58,11 @@ DEFAULT_REGULARIZATION_PROMPTS = (
 )
 
 
+PRIOR_DATA_HELP = ("folders of images + captions the model must keep drawing (e.g. other people or styles); the "
+                   "prior term pins the model's predictions on them (default: the concept images under generic "
+                   "captions)")
+
+
 def _help(text: str) -> dict[str, str]:
     return {"help": text}
 
@@ -91,21 +96,22 @@ def concept_data(data: Sequence[str | Path], concepts: Sequence[str], size: int,
 
 
 class PriorTerm:
-    """Prior preservation: ``MSE(model(x_t, c_reg), original(x_t, c_reg))`` on generic captions.
+    """Prior preservation: ``MSE(model(x_t, c), original(x_t, c))`` on preservation data.
 
-    ``x_t`` is a noised latent of one of the training images and ``c_reg`` a random generic caption:
-    the term does not teach anything, it only pins the model's *function* on generic text to the
-    original model's, so the latents just have to be realistic inputs. Both predictions come from
-    the caller (:func:`~conceptguard.methods.trajectory.functional_predictor` for the original).
+    The preservation data is either the publisher's own images and captions (``prior_data``: what
+    the model must keep drawing — DreamBooth's class images play this role) or, by default, the
+    concept images under generic captions. The term does not teach anything, it only pins the
+    model's *function* on that data to the original model's. Both predictions come from the caller
+    (:func:`~conceptguard.methods.trajectory.functional_predictor` for the original).
     """
 
-    def __init__(self, pipe, images: torch.Tensor, prompts: Sequence[str], device, batch_size: int = 2):
+    def __init__(self, pipe, images: torch.Tensor, captions: Sequence[str], device, batch_size: int = 2):
         from conceptguard.finetune import CaptionedLatents
 
-        if not prompts:
-            raise ConceptGuardError("prior preservation needs at least one generic prompt")
-        captions = [prompts[i % len(prompts)] for i in range(len(images))]
-        self.data = CaptionedLatents(pipe, images, captions, device)
+        if not len(captions) or len(captions) != len(images):
+            raise ConceptGuardError("prior preservation needs one caption per image")
+        self.captions = list(captions)
+        self.data = CaptionedLatents(pipe, images, self.captions, device)
         self.batch_size = batch_size
 
     def loss(self, predict, original_predict, generator: torch.Generator) -> torch.Tensor:
@@ -113,6 +119,22 @@ class PriorTerm:
         with torch.no_grad():
             target = original_predict(noisy, timesteps, cond).float()
         return F.mse_loss(predict(noisy, timesteps, cond).float(), target)
+
+
+def prior_term(pipe, config, concept_images: torch.Tensor, device) -> PriorTerm:
+    """The prior term of ``config`` (IMMA or MIMA): on ``config.prior_data`` if given, else on the
+    concept images with ``config.regularization_prompts`` as captions."""
+    from conceptguard.diffusion import image_size
+    from conceptguard.finetune import images_and_captions
+
+    if config.prior_data:
+        images, captions = images_and_captions(list(config.prior_data), image_size(pipe))
+        return PriorTerm(pipe, images, captions, device, batch_size=config.prior_batch_size)
+    prompts = config.regularization_prompts
+    if not prompts:
+        raise ConceptGuardError("prior preservation needs generic prompts (--regularization-prompts) or --prior-data")
+    captions = [prompts[i % len(prompts)] for i in range(len(concept_images))]
+    return PriorTerm(pipe, concept_images, captions, device, batch_size=config.prior_batch_size)
 
 
 class InnerAdam:
@@ -204,6 +226,8 @@ class IMMAConfig:
         "weight of the prior-preservation term on generic prompts (IMMA: 0, MIMA: 1)"))
     regularization_prompts: list[str] = field(default_factory=lambda: list(DEFAULT_REGULARIZATION_PROMPTS),
                                               metadata=_help("generic captions of the prior-preservation term"))
+    prior_data: list[str] = field(default_factory=list, metadata=_help(PRIOR_DATA_HELP))
+    prior_batch_size: int = field(default=2, metadata=_help("images per prior-preservation term"))
 
     # The outer (ascent) optimizer: Adam as in the authors' scripts; not tuned for the tiny world.
     default_train: ClassVar[dict[str, Any]] = dict(
@@ -222,7 +246,10 @@ class IMMAConfig:
                              "to the tokenizer, which the immunized model must not keep")
         if self.adaptation not in ADAPTATIONS:
             raise ValueError(f"adaptation must be one of {', '.join(ADAPTATIONS)}; got {self.adaptation!r}")
-        for name in ("inner_steps", "inner_batch_size", "lora_rank", "num_class_images", "class_inference_steps"):
+        self.prior_data = [str(d) for d in ([self.prior_data] if isinstance(self.prior_data, (str, Path))
+                                            else self.prior_data)]
+        for name in ("inner_steps", "inner_batch_size", "lora_rank", "num_class_images", "class_inference_steps",
+                     "prior_batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -274,7 +301,7 @@ class IMMARecipe:
         self.prior = None
         if config.prior_weight > 0:
             self.original = {name: p.detach().clone() for name, p in self.theta.items()}
-            self.prior = PriorTerm(pipe, self.images, config.regularization_prompts, accelerator.device)
+            self.prior = prior_term(pipe, config, self.images, accelerator.device)
             # functional_call needs the names as they are now (under peft's wrappers, if any).
             current = {id(p): name for name, p in named.items()}
             self.original_predict = functional_predictor(
@@ -454,6 +481,7 @@ __all__ = [
     "InnerAdam",
     "PriorTerm",
     "apply",
+    "prior_term",
     "concept_data",
     "requires_grad",
 ]

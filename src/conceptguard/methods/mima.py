@@ -47,10 +47,11 @@ from conceptguard.errors import ConceptGuardError
 from conceptguard.methods import MethodResult, register_method
 from conceptguard.methods.imma import (
     DEFAULT_REGULARIZATION_PROMPTS,
+    PRIOR_DATA_HELP,
     InnerAdam,
-    PriorTerm,
     concept_data,
     immunized_parameters,
+    prior_term,
     requires_grad,
     run_immunization,
 )
@@ -87,6 +88,8 @@ class MIMAConfig:
         "weight of the prior-preservation term on generic prompts (IMMA: 0, MIMA: 1)"))
     regularization_prompts: list[str] = field(default_factory=lambda: list(DEFAULT_REGULARIZATION_PROMPTS),
                                               metadata=_help("generic captions: C_reg of the Merge and the prior term"))
+    prior_data: list[str] = field(default_factory=list, metadata=_help(PRIOR_DATA_HELP))
+    prior_batch_size: int = field(default=2, metadata=_help("images per prior-preservation term"))
 
     default_train: ClassVar[dict[str, Any]] = dict(
         steps=1000, lr=1e-5, optimizer="adam", weight_decay=0.0, lr_schedule="constant", warmup_steps=0,
@@ -103,7 +106,9 @@ class MIMAConfig:
         if self.adaptation != "custom":
             raise ValueError(f"MIMA's inner adaptation is custom (the Merge combines k/v weights); got "
                              f"{self.adaptation!r} — use imma for other adaptations")
-        for name in ("inner_steps", "inner_batch_size"):
+        self.prior_data = [str(d) for d in ([self.prior_data] if isinstance(self.prior_data, (str, Path))
+                                            else self.prior_data)]
+        for name in ("inner_steps", "inner_batch_size", "prior_batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -184,7 +189,7 @@ class MIMARecipe:
         self.prior = None
         if config.prior_weight > 0:
             all_images = torch.cat([images for images, _ in self.groups])
-            self.prior = PriorTerm(pipe, all_images, config.regularization_prompts, device)
+            self.prior = prior_term(pipe, config, all_images, device)
             self.original = {name: p.detach().clone() for name, p in self.theta.items()}
             self.original_predict = functional_predictor(unet, self.original)
         self.unet = accelerator.prepare(unet)
