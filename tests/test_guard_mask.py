@@ -289,3 +289,30 @@ def test_learn_mask_runs_on_every_family(family, tmp_path):
     assert len(result.mask.frozen) == exact_count(0.3, len(result.mask.soft))
     assert result.mask.manifest["family"] == family
     result.mask.check_model(pipe)
+
+
+def test_mask_update_can_share_noise_between_domains_and_use_its_own_batch_size():
+    from accelerate import Accelerator
+
+    pipe = build_tiny_pipeline("sd1")
+    recipe = MaskLearningRecipe(pipe, _encoded(pipe, 4, 1, "red circle"), _encoded(pipe, 6, 2, "blue square"),
+                                short_config(mask_batch_size=3, shared_noise=True))
+    recipe.setup(Accelerator(cpu=True))
+    drawn = {}
+    for domain in ("illegal", "innocent"):
+        data = getattr(recipe, domain)
+        original = data.draw
+
+        def record(batch_size, generator, domain=domain, original=original):
+            batch = original(batch_size, generator)
+            drawn.setdefault(domain, []).append(batch)
+            return batch
+        data.draw = record
+    recipe.loss(1, torch.Generator().manual_seed(0))
+    # The user's steps draw independent batches of batch_size; the mask update's last draw is the shared one.
+    user_illegal, user_innocent = drawn["illegal"][0], drawn["innocent"][0]
+    assert user_illegal[0].shape[0] == 2 and not torch.equal(user_illegal[1], user_innocent[1])
+    (_, t_ill, _, target_ill), (_, t_inn, _, target_inn) = drawn["illegal"][-1], drawn["innocent"][-1]
+    assert t_ill.shape[0] == 3 and torch.equal(t_ill, t_inn)
+    assert torch.equal(target_ill, target_inn)  # epsilon targets: the same noise
+    recipe.finish()

@@ -62,6 +62,10 @@ class GuardConfig:
     user_optimizer: Literal["adam", "sgd"] = field(default="adam", metadata=_help(
         "optimizer of the simulated user (adam, as the attacker; sgd keeps no optimizer state)"))
     batch_size: int = field(default=16, metadata=_help("images per domain in every loss"))
+    mask_batch_size: int = field(default=0, metadata=_help(
+        "images per domain in the mask update's losses (0: batch_size); larger means a less noisy mask gradient"))
+    shared_noise: bool = field(default=False, metadata=_help(
+        "the mask update's illegal and innocent losses use the same noise and timesteps (common random numbers)"))
     init: Literal["paper", "code"] = field(default="paper", metadata=_help(
         "paper: mask near 0 and W_ft fully fine-tuned first; code: mask near 1 and W_ft = W_pre (authors' code)"))
     init_steps: int = field(default=100, metadata=_help(
@@ -88,6 +92,8 @@ class GuardConfig:
         for name in ("inner_steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.mask_batch_size < 0:
+            raise ValueError(f"mask_batch_size must be >= 0, got {self.mask_batch_size}")
         if self.init_steps < 0:
             raise ValueError(f"init_steps must be >= 0, got {self.init_steps}")
         if self.user_optimizer not in ("adam", "sgd"):
@@ -234,9 +240,19 @@ class MaskLearningRecipe:
                                        added_cond_kwargs=cond.added_cond_kwargs()).sample
         return predict
 
-    def _domain_losses(self, weights, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        predict, batch = self._predictor(weights), self.config.batch_size
-        return self.illegal.loss(predict, batch, generator), self.innocent.loss(predict, batch, generator)
+    def _domain_losses(self, weights, generator: torch.Generator, *, batch_size: int | None = None,
+                       shared_noise: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        predict, batch = self._predictor(weights), batch_size or self.config.batch_size
+        state = generator.get_state()
+        illegal = self.illegal.loss(predict, batch, generator)
+        if shared_noise:
+            # The diffusion loss varies far more with the timestep than with the mask; drawing the
+            # innocent batch's timesteps and noise exactly as the illegal batch's (the same generator
+            # state, and both domains draw the same sequence) lets that variation cancel in the
+            # difference the mask update follows.
+            generator.set_state(state)
+        innocent = self.innocent.loss(predict, batch, generator)
+        return illegal, innocent
 
     def user_step(self, generator: torch.Generator, *, masked: bool = True) -> float:
         """One simulated-user step on both domains (Eq. 7); ``masked=False`` trains ``W_ft`` alone."""
@@ -259,7 +275,9 @@ class MaskLearningRecipe:
         for _ in range(self.config.inner_steps):
             user_loss = self.user_step(generator)
         mask = self.masked.mask()
-        illegal, innocent = self._domain_losses(self.masked.live_weights(mask, grad_to="mask"), generator)
+        illegal, innocent = self._domain_losses(self.masked.live_weights(mask, grad_to="mask"), generator,
+                                                batch_size=self.config.mask_batch_size or None,
+                                                shared_noise=self.config.shared_noise)
         objective = mask_objective(illegal, innocent, mask, self.config)
         self.last = {"illegal_loss": float(illegal.detach()), "innocent_loss": float(innocent.detach()),
                      "user_loss": user_loss, "mean_mask": float(mask.detach().mean())}

@@ -43,15 +43,17 @@ class TableConfig:
 
     illegal_characters: list[str] = field(default_factory=lambda: ["yulbar", "drennik", "ospera"], metadata=_help(
         "held-out characters the attacker teaches (the illegal domain)"))
-    innocent_domain: str = field(default="logo", metadata=_help("held-out design family of the innocent user"))
+    innocent_domain: str = field(default="garment", metadata=_help(
+        "held-out design family of the innocent user (garment: Full FT learns it better than logos)"))
     ratios: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.3, 0.4], metadata=_help(
         "freeze ratios rho (share of UNet tensors)"))
     methods: list[str] = field(default_factory=lambda: ["random", "freezeasguard"], metadata=_help(
         "masked methods compared with Full FT: random, freezeasguard"))
     seed: int = field(default=0, metadata=_help("seed of data, masks, fine-tuning and evaluation"))
     publisher_images: int = field(default=24, metadata=_help(
-        "mask-learning images per character and of the innocent domain"))
-    user_images: int = field(default=24, metadata=_help("fine-tuning images per character and of the innocent domain"))
+        "mask-learning images per character and per design of the innocent domain"))
+    user_images: int = field(default=24, metadata=_help(
+        "fine-tuning images per character and per design of the innocent domain"))
     finetune_steps: int = field(default=300, metadata=_help("attacker's and innocent user's fine-tuning steps"))
     finetune_lr: float = field(default=5e-4, metadata=_help(
         "their Adam learning rate (world calibration: Full FT teaches the characters, see docs/guard.md)"))
@@ -60,14 +62,20 @@ class TableConfig:
     eval_steps: int = field(default=25, metadata=_help("sampling steps of the evaluation images"))
     guidance_scale: float = field(default=7.5, metadata=_help("classifier-free guidance of the evaluation images"))
     mask_steps: int = field(default=100, metadata=_help("mask updates per learned mask"))
-    mask_optimizer: str = field(default="adam", metadata=_help(
-        "optimizer of the mask logits; the paper's sgd with step 10 barely moves the tiny world's mask"))
-    mask_lr: float = field(default=0.03, metadata=_help("its step size"))
+    mask_optimizer: str = field(default="sgd", metadata=_help(
+        "optimizer of the mask logits; plain steps as the paper's (adam ranks tensors by the noise of their gradients)"))
+    mask_lr: float = field(default=1000.0, metadata=_help(
+        "its step size (world-scaled: the world's per-tensor mask gradients are about 1e-4)"))
     inner_steps: int = field(default=4, metadata=_help("simulated-user steps between mask updates"))
     mask_batch: int = field(default=4, metadata=_help("images per domain in each mask-learning loss"))
     user_lr: float = field(default=5e-4, metadata=_help("simulated user's Adam learning rate (as the attacker's)"))
     init_steps: int = field(default=150, metadata=_help("steps that fully fine-tune W_ft before the first mask update"))
     sparsity_weight: float = field(default=1.0, metadata=_help("c in c * (rho - mean(m))^2"))
+    innocent_weight: float = field(default=1.0, metadata=_help("weight of L_innocent in the mask objective"))
+    mask_update_batch: int = field(default=16, metadata=_help(
+        "images per domain in each mask update's losses (0: mask_batch)"))
+    shared_noise: bool = field(default=True, metadata=_help(
+        "each mask update's illegal and innocent losses share noise and timesteps"))
 
     def __post_init__(self) -> None:
         from conceptguard.world.concepts import HELD_OUT_CHARACTERS, INNOCENT_DOMAINS
@@ -88,7 +96,9 @@ class TableConfig:
         from conceptguard.guard.mask import GuardConfig
 
         return GuardConfig(ratio=ratio, inner_steps=self.inner_steps, user_lr=self.user_lr, batch_size=self.mask_batch,
-                           init_steps=self.init_steps, sparsity_weight=self.sparsity_weight)
+                           init_steps=self.init_steps, sparsity_weight=self.sparsity_weight,
+                           innocent_weight=self.innocent_weight, mask_batch_size=self.mask_update_batch,
+                           shared_noise=self.shared_noise)
 
     def mask_train_config(self):
         from conceptguard.guard.mask import guard_train_config
@@ -119,10 +129,13 @@ def illegal_data(config: TableConfig, role: str) -> list[tuple[np.ndarray, str]]
 
 
 def innocent_data(config: TableConfig, role: str) -> list[tuple[np.ndarray, str]]:
+    """The design family's images, as many per design as the attacker has per character."""
+    from conceptguard.world.concepts import INNOCENT_DOMAINS
     from conceptguard.world.dataset import generate
 
     seed, n = (config.seed + 101, config.publisher_images) if role == "publisher" else (config.seed + 201,
                                                                                        config.user_images)
+    n *= len(INNOCENT_DOMAINS[config.innocent_domain])
     return [(s.image, s.caption) for s in generate(n, seed=seed, split="innocent", domain=config.innocent_domain)]
 
 
