@@ -62,6 +62,19 @@ def test_guarded_fine_tuning_leaves_frozen_tensors_bit_identical_and_without_opt
     assert config["guard"]["sha256"] == mask.sha256 and config["frozen_tensors"] == len(mask.frozen)
 
 
+def test_fine_tuning_with_the_first_layer_frozen_trains(tmp_path):
+    # Learned masks can freeze conv_in entirely. torch's CPU backward used to segfault on the
+    # channels-last training batches then (measured with torch 2.13 on the tiny and the world UNet).
+    pipe = build_tiny_pipeline("sd1")
+    frozen = random_mask(pipe, 0.3, seed=0).frozen | {"conv_in.weight", "conv_in.bias"}
+    before = {name: p.detach().clone() for name, p in pipe.unet.named_parameters()}
+    finetune(pipe, tiny_pairs(4, 0, "red circle"), tmp_path / "run", frozen=sorted(frozen),
+             config=FinetuneConfig(batch_size=2), train_config=short_train())
+    params = dict(pipe.unet.named_parameters())
+    assert all(torch.equal(params[name].detach(), before[name]) for name in frozen)
+    assert any(not torch.equal(params[name].detach(), before[name]) for name in set(params) - frozen)
+
+
 def test_a_mask_for_another_model_is_refused_before_training(tmp_path):
     mask = random_mask(build_tiny_pipeline("sd1", seed=1), 0.3)
     pipe = build_tiny_pipeline("sd1")
