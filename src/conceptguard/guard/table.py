@@ -71,7 +71,7 @@ class TableConfig:
     user_lr: float = field(default=5e-4, metadata=_help("simulated user's Adam learning rate (as the attacker's)"))
     init_steps: int = field(default=150, metadata=_help("steps that fully fine-tune W_ft before the first mask update"))
     sparsity_weight: float = field(default=1.0, metadata=_help("c in c * (rho - mean(m))^2"))
-    innocent_weight: float = field(default=8.0, metadata=_help(
+    innocent_weight: float = field(default=4.0, metadata=_help(
         "weight of L_innocent in the mask objective (world calibration; the paper weighs both domains equally)"))
     mask_update_batch: int = field(default=16, metadata=_help(
         "images per domain in each mask update's losses (0: mask_batch)"))
