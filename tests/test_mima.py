@@ -58,6 +58,23 @@ def test_outer_gradient_reaches_theta_kv_only_through_the_merge(merge_gradient, 
         assert all(theta[n].grad is None for n in kv)
 
 
+def test_ascent_cap_stops_the_outer_gradient_above_the_cap(folders):
+    """Above ``ascent_cap`` the adaptation loss gives θ no gradient (only the prior would act); at 0
+    (the papers' unbounded ascent) and below the cap it does."""
+    def theta_gradient(cap: float) -> float:
+        torch.manual_seed(0)
+        recipe = ready_recipe(build_tiny_pipeline("sd1"), MIMAConfig(
+            concepts=list(CHARACTERS[:2]), data=folders, prior_weight=0.0, inner_lr=1e-2, ascent_cap=cap))
+        recipe.loss(1, torch.Generator().manual_seed(0)).backward()
+        return sum(float(p.grad.abs().sum()) for p in recipe.trainable_parameters().values() if p.grad is not None)
+
+    assert theta_gradient(0.0) > 0
+    assert theta_gradient(1e3) == pytest.approx(theta_gradient(0.0))
+    assert theta_gradient(1e-6) == 0
+    with pytest.raises(ValueError, match="ascent_cap"):
+        MIMAConfig(concepts=["yulbar"], ascent_cap=-1)
+
+
 def test_merged_keys_and_values_meet_each_concepts_constraint(folders):
     recipe = ready_recipe(build_tiny_pipeline("sd1"), MIMAConfig(concepts=list(CHARACTERS[:2]), data=folders,
                                                                  inner_lr=1e-2))
@@ -155,8 +172,8 @@ def test_cli_refuses_foreign_options_and_missing_data(tiny_sd1_dir, folders, tmp
 # --- world effect (needs the trained embedded world) --------------------------------------------------
 #
 # World settings (docs/methods/imma-mima.md, "Measured on the embedded world"): 200 immunization steps,
-# Adam 5e-4, inner Custom Diffusion at 1e-3 (batch 4), prior weight 10 on 63 images of seen characters
-# (the publisher's own data, none of them a target), batch 4. The attacker is the red-team's world LoRA:
+# Adam 5e-4, inner Custom Diffusion at 1e-3 (batch 4), ascent capped at a loss of 0.3, prior weight 10
+# on 63 images of seen characters (the publisher's own data, none of them a target), batch 4. The attacker is the red-team's world LoRA:
 # 200 steps, lr 1e-3, batch 8, rank 8, 64 images of the character; detection on 16 prompts, 25 steps.
 
 WORLD_ATTACK = dict(steps=200, lr=1e-3)
@@ -187,7 +204,7 @@ def _immunize(pipe, method: str, concepts, root):
 
     folders = [_world_folder(c, root / "defender", 16, 7) for c in concepts]
     common = dict(concepts=list(concepts), data=folders, inner_lr=1e-3, inner_batch_size=4, prior_weight=10.0,
-                  prior_data=[_prior_folder(root, concepts)], prior_batch_size=4)
+                  prior_data=[_prior_folder(root, concepts)], prior_batch_size=4, ascent_cap=0.3)
     train = TrainConfig(steps=200, lr=5e-4, optimizer="adam", max_grad_norm=0.0, progress=False,
                         checkpoint_every=200)
     if method == "mima":

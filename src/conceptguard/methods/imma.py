@@ -63,6 +63,15 @@ PRIOR_DATA_HELP = ("folders of images + captions the model must keep drawing (e.
                    "captions)")
 
 
+ASCENT_CAP_HELP = ("stop ascending the adaptation loss once it exceeds this value (0: unbounded, as the "
+                   "papers); beyond it only the prior acts, so the ascent cannot run away from the model")
+
+
+def bounded_ascent(loss: torch.Tensor, cap: float) -> torch.Tensor:
+    """``loss`` clamped at ``cap`` (no gradient above it); unchanged when ``cap`` is 0."""
+    return torch.clamp(loss, max=cap) if cap > 0 else loss
+
+
 def _help(text: str) -> dict[str, str]:
     return {"help": text}
 
@@ -222,6 +231,7 @@ class IMMAConfig:
     preset: str = field(default="imma", metadata=_help("UNet parameters to immunize (IMMA: attention projections)"))
     include: list[str] = field(default_factory=list, metadata=_help("narrow the immunized parameters to patterns"))
     exclude: list[str] = field(default_factory=list, metadata=_help("keep parameters matching patterns unchanged"))
+    ascent_cap: float = field(default=0.0, metadata=_help(ASCENT_CAP_HELP))
     prior_weight: float = field(default=0.0, metadata=_help(
         "weight of the prior-preservation term on generic prompts (IMMA: 0, MIMA: 1)"))
     regularization_prompts: list[str] = field(default_factory=lambda: list(DEFAULT_REGULARIZATION_PROMPTS),
@@ -241,6 +251,9 @@ class IMMAConfig:
             self.data = [self.data]
         self.concepts, self.data = list(self.concepts), [str(d) for d in self.data]
         self.inner_lr, self.prior_weight = float(self.inner_lr), float(self.prior_weight)
+        self.ascent_cap = float(self.ascent_cap)
+        if self.ascent_cap < 0:
+            raise ValueError(f"ascent_cap must be >= 0, got {self.ascent_cap}")
         if self.adaptation == "ti":
             raise ValueError("adaptation 'ti' is not supported for immunization: Textual Inversion adds a token "
                              "to the tokenizer, which the immunized model must not keep")
@@ -381,7 +394,7 @@ class IMMARecipe:
 
     def loss(self, step: int, generator: torch.Generator) -> torch.Tensor:
         self.adapt(step, generator)
-        loss = -self.outer_loss(step, generator)
+        loss = -bounded_ascent(self.outer_loss(step, generator), self.config.ascent_cap)
         if self.prior is not None:
             loss = loss + self.config.prior_weight * self.prior_loss(generator)
         return loss
@@ -481,6 +494,7 @@ __all__ = [
     "InnerAdam",
     "PriorTerm",
     "apply",
+    "bounded_ascent",
     "prior_term",
     "concept_data",
     "requires_grad",

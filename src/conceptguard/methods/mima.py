@@ -47,8 +47,10 @@ from conceptguard.errors import ConceptGuardError
 from conceptguard.methods import MethodResult, register_method
 from conceptguard.methods.imma import (
     DEFAULT_REGULARIZATION_PROMPTS,
+    ASCENT_CAP_HELP,
     PRIOR_DATA_HELP,
     InnerAdam,
+    bounded_ascent,
     concept_data,
     immunized_parameters,
     prior_term,
@@ -84,6 +86,7 @@ class MIMAConfig:
     preset: str = field(default="imma", metadata=_help("UNet parameters to immunize (attention projections)"))
     include: list[str] = field(default_factory=list, metadata=_help("narrow the immunized parameters to patterns"))
     exclude: list[str] = field(default_factory=list, metadata=_help("keep parameters matching patterns unchanged"))
+    ascent_cap: float = field(default=0.0, metadata=_help(ASCENT_CAP_HELP))
     prior_weight: float = field(default=1.0, metadata=_help(
         "weight of the prior-preservation term on generic prompts (IMMA: 0, MIMA: 1)"))
     regularization_prompts: list[str] = field(default_factory=lambda: list(DEFAULT_REGULARIZATION_PROMPTS),
@@ -103,6 +106,9 @@ class MIMAConfig:
         self.concepts, self.data = list(self.concepts), [str(d) for d in self.data]
         self.inner_lr, self.prior_weight = float(self.inner_lr), float(self.prior_weight)
         self.merge_ridge = float(self.merge_ridge)
+        self.ascent_cap = float(self.ascent_cap)
+        if self.ascent_cap < 0:
+            raise ValueError(f"ascent_cap must be >= 0, got {self.ascent_cap}")
         if self.adaptation != "custom":
             raise ValueError(f"MIMA's inner adaptation is custom (the Merge combines k/v weights); got "
                              f"{self.adaptation!r} — use imma for other adaptations")
@@ -236,7 +242,7 @@ class MIMARecipe:
         for _ in range(self.config.inner_steps):
             for n in range(len(self.data)):
                 self.inner_step(n, step, generator)
-        loss = -self.outer_loss(generator)
+        loss = -bounded_ascent(self.outer_loss(generator), self.config.ascent_cap)
         if self.prior is not None:
             loss = loss + self.config.prior_weight * self.prior.loss(self.live_predict, self.original_predict,
                                                                      generator)
