@@ -234,9 +234,10 @@ def _lora_curve(pipe, character: str, root) -> list[float]:
 @pytest.mark.world
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason=(
-    "measured 2026-12-03 (issue #8 open): ESD alone is re-learned to 100/100/100% at LoRA step 200; after "
-    "MIMA 0/25/69% (MRSGR 0.85), but the other seen characters fall from 98% to 11%: the unbounded ascent "
-    "breaks the model and the prior (weight 10, 63 seen-character images) does not hold it"))
+    "measured 2026-12-03 with these settings (issue #8 open): ESD alone is re-learned to 100/100/100% at "
+    "LoRA step 100 and 200; after MIMA with the ascent capped at 0.3, 0/31/19% at step 100 but 38/100/100% "
+    "at step 200 (MRSGR 0.52), and the other seen characters fall from 98% to 67% (mirrow 25%). Unbounded: "
+    "MRSGR 0.85 but seen characters 11%"))
 def test_esd_then_mima_makes_lora_relearning_of_three_erased_characters_fail(tmp_path):
     """Re-learning (MRSGR): ESD-x erases zorblat/quimble/fennix; LoRA brings each back on the erased
     model; after MIMA on the erased model it brings them back markedly less. The other seen characters
@@ -274,15 +275,13 @@ def test_esd_then_mima_makes_lora_relearning_of_three_erased_characters_fail(tmp
 
 @pytest.mark.world
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "measured 2026-12-03 (issue #8 open): MIMA on yulbar/hobrin/lumetta blocks their LoRA personalization "
-    "(plain 94/88/88% -> 0/6/25% at 200 steps) but blocks the non-target drennik too (81% -> 0%): the "
-    "immunized UNet resists learning any new character. The world's text encoder maps every held-out name "
-    "it never saw to nearly the same conditioning (cosine 0.85-0.98 between yulbar, hobrin, lumetta, cavix, "
-    "ospera; drennik 0.15-0.26 but drawn from parts the targets share)"))
 def test_mima_lowers_personalization_of_three_characters_and_keeps_a_fourth(tmp_path):
     """MSGR > 0.5 on yulbar/hobrin/lumetta under LoRA, and drennik still personalizes at >= 90% of the
-    plain model. Also runs IMMA on the same concepts and prints both MSGRs (reported, not asserted)."""
+    plain model. Also runs IMMA on the same concepts and prints both MSGRs (reported, not asserted).
+
+    Measured 2026-12-03 (20.8 min, one core): plain yulbar/hobrin/lumetta/drennik learned; MSGR MIMA 0.52,
+    IMMA 0.70; drennik after MIMA 88%, after IMMA 69%, plain 81%. Unbounded (ascent_cap 0) the
+    immunization also blocks drennik (81% -> 0%; docs/methods/imma-mima.md)."""
     from conceptguard.evaluation.metrics import msgr
     from conceptguard.world import load_embedded_pipeline
 
