@@ -72,6 +72,15 @@ def bounded_ascent(loss: torch.Tensor, cap: float) -> torch.Tensor:
     return torch.clamp(loss, max=cap) if cap > 0 else loss
 
 
+def check_bounded_prior_options(config) -> None:
+    """Normalise and validate the options IMMA and MIMA share: ``ascent_cap`` and ``prior_data``."""
+    config.ascent_cap = float(config.ascent_cap)
+    if config.ascent_cap < 0:
+        raise ValueError(f"ascent_cap must be >= 0, got {config.ascent_cap}")
+    data = config.prior_data
+    config.prior_data = [str(d) for d in ([data] if isinstance(data, (str, Path)) else data)]
+
+
 def _help(text: str) -> dict[str, str]:
     return {"help": text}
 
@@ -251,16 +260,12 @@ class IMMAConfig:
             self.data = [self.data]
         self.concepts, self.data = list(self.concepts), [str(d) for d in self.data]
         self.inner_lr, self.prior_weight = float(self.inner_lr), float(self.prior_weight)
-        self.ascent_cap = float(self.ascent_cap)
-        if self.ascent_cap < 0:
-            raise ValueError(f"ascent_cap must be >= 0, got {self.ascent_cap}")
+        check_bounded_prior_options(self)
         if self.adaptation == "ti":
             raise ValueError("adaptation 'ti' is not supported for immunization: Textual Inversion adds a token "
                              "to the tokenizer, which the immunized model must not keep")
         if self.adaptation not in ADAPTATIONS:
             raise ValueError(f"adaptation must be one of {', '.join(ADAPTATIONS)}; got {self.adaptation!r}")
-        self.prior_data = [str(d) for d in ([self.prior_data] if isinstance(self.prior_data, (str, Path))
-                                            else self.prior_data)]
         for name in ("inner_steps", "inner_batch_size", "lora_rank", "num_class_images", "class_inference_steps",
                      "prior_batch_size"):
             value = getattr(self, name)
@@ -495,6 +500,7 @@ __all__ = [
     "PriorTerm",
     "apply",
     "bounded_ascent",
+    "check_bounded_prior_options",
     "prior_term",
     "concept_data",
     "requires_grad",

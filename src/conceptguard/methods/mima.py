@@ -51,6 +51,7 @@ from conceptguard.methods.imma import (
     PRIOR_DATA_HELP,
     InnerAdam,
     bounded_ascent,
+    check_bounded_prior_options,
     concept_data,
     immunized_parameters,
     prior_term,
@@ -106,14 +107,10 @@ class MIMAConfig:
         self.concepts, self.data = list(self.concepts), [str(d) for d in self.data]
         self.inner_lr, self.prior_weight = float(self.inner_lr), float(self.prior_weight)
         self.merge_ridge = float(self.merge_ridge)
-        self.ascent_cap = float(self.ascent_cap)
-        if self.ascent_cap < 0:
-            raise ValueError(f"ascent_cap must be >= 0, got {self.ascent_cap}")
+        check_bounded_prior_options(self)
         if self.adaptation != "custom":
             raise ValueError(f"MIMA's inner adaptation is custom (the Merge combines k/v weights); got "
                              f"{self.adaptation!r} — use imma for other adaptations")
-        self.prior_data = [str(d) for d in ([self.prior_data] if isinstance(self.prior_data, (str, Path))
-                                            else self.prior_data)]
         for name in ("inner_steps", "inner_batch_size", "prior_batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
