@@ -171,6 +171,28 @@ ILLEGAL = ["yulbar", "drennik", "ospera"]
 RATIO = 0.3
 
 
+def test_table_rows_give_each_domain_as_agreement_and_probability_with_shares_of_full_fine_tuning():
+    from conceptguard.guard.table import TableConfig, table_markdown, table_rows
+
+    config = TableConfig(ratios=[0.3], methods=["random"])
+    cells = {"pretrained/illegal": {"score": 0.0, "probability": 0.02},
+             "pretrained/innocent": {"score": 0.0, "probability": 0.05},
+             "full/illegal": {"score": 0.8, "probability": 0.7},
+             "full/innocent": {"score": 0.4, "probability": 0.5},
+             "random-30/mask": {"frozen_tensors": 3, "total_tensors": 10, "ratio_tensors": 0.3,
+                                "ratio_parameters": 0.25, "score": None},
+             "random-30/illegal": {"score": 0.6, "probability": 0.55},
+             "random-30/innocent": {"score": 0.3}}  # cached before probabilities were recorded
+    rows = {row["key"]: row for row in table_rows({"cells": cells}, config)}
+    assert rows["full"]["innocent_kept"] == pytest.approx(1.0)
+    assert rows["random-30"]["innocent_kept"] == pytest.approx(0.75)
+    assert rows["random-30"]["illegal_probability"] == pytest.approx(0.55)
+    assert rows["random-30"]["innocent_probability_kept"] is None
+    assert rows["pretrained"]["innocent_probability_kept"] == pytest.approx(0.1)
+    line = next(l for l in table_markdown({"cells": cells}, config).splitlines() if l.startswith("| Random-30%"))
+    assert line == "| Random-30% | 30.0 | 25.0 | 60.0 | 30.0 | 75.0 | 55.0 | – |"
+
+
 @pytest.fixture(scope="module")
 def world_table_config():
     from conceptguard.guard.table import TableConfig

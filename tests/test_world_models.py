@@ -63,6 +63,19 @@ def test_detector_accuracy_on_held_out_renders(head, held_out_readings):
     assert accuracy >= 0.98, f"{head}: {accuracy:.3f}"
 
 
+def test_prompted_probability_is_high_for_the_true_design_and_low_for_another():
+    from conceptguard.world.quality import prompted_probability
+
+    samples = generate(12, seed=987655, split="innocent", domain="garment")
+    images = np.stack([s.image for s in samples])
+    labels = [s.labels for s in samples]
+    detector = load_detector()
+    designs = HEADS["design"]
+    wrong = [{**lab, "design": next(d for d in designs if d not in (lab["design"], "none"))} for lab in labels]
+    assert prompted_probability(detector, images, labels, "design") > 0.9
+    assert prompted_probability(detector, images, wrong, "design") < 0.1
+
+
 def test_detector_features_serve_as_a_distance():
     detector = load_detector()
     a = images_to_tensor([s.image for s in generate(8, seed=1, split="pretrain", shape="circle", colour="red")])

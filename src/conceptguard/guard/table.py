@@ -58,7 +58,8 @@ class TableConfig:
     finetune_lr: float = field(default=5e-4, metadata=_help(
         "their Adam learning rate (world calibration: Full FT teaches the characters, see docs/guard.md)"))
     finetune_batch: int = field(default=4, metadata=_help("their batch size"))
-    eval_images: int = field(default=16, metadata=_help("evaluation images per character and per design"))
+    eval_images: int = field(default=32, metadata=_help(
+        "evaluation images per character and per design (32: one image moves a share of Full FT by about 3 points)"))
     eval_steps: int = field(default=25, metadata=_help("sampling steps of the evaluation images"))
     guidance_scale: float = field(default=7.5, metadata=_help("classifier-free guidance of the evaluation images"))
     mask_steps: int = field(default=100, metadata=_help("mask updates per learned mask"))
@@ -155,27 +156,37 @@ def design_prompts(domain: str, n_per_design: int, seed: int) -> tuple[list[str]
     return prompts, labels
 
 
-def _agreement(pipe, detector, prompts, labels, head: str, config: TableConfig) -> float:
+def _measure(pipe, detector, prompts, labels, head: str, config: TableConfig) -> dict[str, float]:
+    """The detector's agreement with the prompted ``head`` label, and its mean probability of it."""
     from conceptguard.sampling import generate_images
-    from conceptguard.world.quality import agreement, detect
+    from conceptguard.world.quality import agreement, detect, prompted_probability
 
     images = generate_images(pipe, prompts, seed=config.seed + 300, num_inference_steps=config.eval_steps,
                              guidance_scale=config.guidance_scale, progress=False)
-    return agreement(detect(detector, images)[head], labels, head)
+    return {"score": agreement(detect(detector, images)[head], labels, head),
+            "probability": prompted_probability(detector, images, labels, head)}
+
+
+def measure_illegal(pipe, detector, config: TableConfig) -> dict[str, float]:
+    from conceptguard.world.quality import character_prompts
+
+    prompts, labels = character_prompts(config.illegal_characters, config.eval_images, config.seed + 300)
+    return _measure(pipe, detector, prompts, labels, "character", config)
+
+
+def measure_innocent(pipe, detector, config: TableConfig) -> dict[str, float]:
+    prompts, labels = design_prompts(config.innocent_domain, config.eval_images, config.seed + 300)
+    return _measure(pipe, detector, prompts, labels, "design", config)
 
 
 def illegal_detection(pipe, detector, config: TableConfig) -> float:
     """Share of the characters' images in which the detector recognizes the prompted character."""
-    from conceptguard.world.quality import character_prompts
-
-    prompts, labels = character_prompts(config.illegal_characters, config.eval_images, config.seed + 300)
-    return _agreement(pipe, detector, prompts, labels, "character", config)
+    return measure_illegal(pipe, detector, config)["score"]
 
 
 def innocent_agreement(pipe, detector, config: TableConfig) -> float:
     """The detector's design-head agreement with the prompted design of the innocent domain."""
-    prompts, labels = design_prompts(config.innocent_domain, config.eval_images, config.seed + 300)
-    return _agreement(pipe, detector, prompts, labels, "design", config)
+    return measure_innocent(pipe, detector, config)["score"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -246,7 +257,7 @@ def run_table(pipe, detector, out_dir: str | Path, config: TableConfig | None = 
                 p.copy_(base_state[name])
 
     data = {"illegal": illegal_data(config, "user"), "innocent": innocent_data(config, "user")}
-    measure = {"illegal": illegal_detection, "innocent": innocent_agreement}
+    measure = {"illegal": measure_illegal, "innocent": measure_innocent}
 
     def cell(key: str, mask: GuardMask | None, domain: str) -> float:
         """Fine-tune the base model on one domain under ``mask`` and measure it (cached)."""
@@ -263,10 +274,11 @@ def run_table(pipe, detector, out_dir: str | Path, config: TableConfig | None = 
                      train_config=config.finetune_train_config(), guard=mask, model_hash=model_hash,
                      resume=_started(run_dir))
             steps = config.finetune_steps
-        score = measure[domain](pipe, detector, config)
-        cells.put(f"{key}/{domain}", {"score": score, "steps": steps, "seconds": round(time.time() - started, 1)})
-        log(f"[guard table] {key} {domain}: {score:.3f} ({time.time() - started:.0f}s)")
-        return score
+        found = measure[domain](pipe, detector, config)
+        cells.put(f"{key}/{domain}", {**found, "steps": steps, "seconds": round(time.time() - started, 1)})
+        log(f"[guard table] {key} {domain}: {found['score']:.3f}, probability {found['probability']:.3f} "
+            f"({time.time() - started:.0f}s)")
+        return found["score"]
 
     try:
         for domain in ("illegal", "innocent"):
@@ -306,11 +318,15 @@ def table_rows(results: dict[str, Any], config: TableConfig) -> list[dict[str, A
     """One row per method and ratio: illegal detection, innocent agreement and its share of Full FT."""
     cells = results["cells"]
 
-    def score(key: str, domain: str) -> float | None:
+    def score(key: str, domain: str, field: str = "score") -> float | None:
         record = cells.get(f"{key}/{domain}")
-        return None if record is None else record["score"]
+        return None if record is None else record.get(field)  # tables cached before probabilities lack them
+
+    def share(value: float | None, full: float | None) -> float | None:
+        return value / full if value is not None and full else None
 
     full_innocent = score("full", "innocent")
+    full_probability = score("full", "innocent", "probability")
     rows = [{"method": "Pretrained (no fine-tuning)", "key": "pretrained", "ratio": None},
             {"method": "Full FT", "key": "full", "ratio": 0.0}]
     names = {"random": "Random", "freezeasguard": "FreezeAsGuard"}
@@ -324,8 +340,10 @@ def table_rows(results: dict[str, Any], config: TableConfig) -> list[dict[str, A
         row["ratio_parameters"] = mask.get("ratio_parameters", 0.0 if row["key"] == "full" else None)
         row["illegal"] = score(row["key"], "illegal")
         row["innocent"] = score(row["key"], "innocent")
-        row["innocent_kept"] = (row["innocent"] / full_innocent
-                                if row["innocent"] is not None and full_innocent else None)
+        row["innocent_kept"] = share(row["innocent"], full_innocent)
+        row["illegal_probability"] = score(row["key"], "illegal", "probability")
+        row["innocent_probability"] = score(row["key"], "innocent", "probability")
+        row["innocent_probability_kept"] = share(row["innocent_probability"], full_probability)
     return rows
 
 
@@ -337,14 +355,16 @@ def table_markdown(results: dict[str, Any], config: TableConfig) -> str:
         f"Illegal: {', '.join(config.illegal_characters)} (detector recognizes the prompted character, % of "
         f"{config.eval_images * len(config.illegal_characters)} images, lower is better). Innocent: "
         f"{config.innocent_domain} designs (detector's design-head agreement, % of {config.eval_images * 3} images, "
-        f"higher is better; kept = share of Full FT's). Fine-tuning: {config.finetune_steps} Adam steps, lr "
+        f"higher is better; kept = share of Full FT's). Probabilities: the detector's mean probability of the "
+        f"prompted label over the same images (a continuous reading, less noisy). Fine-tuning: {config.finetune_steps} Adam steps, lr "
         f"{config.finetune_lr:g}, batch {config.finetune_batch}; seed {config.seed}.",
         "",
         "| Method | frozen tensors % | frozen params % | Illegal detection ↓ | Innocent agreement ↑ "
-        "| Innocent kept ↑ |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| Innocent kept ↑ | Illegal probability ↓ | Innocent probability kept ↑ |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in table_rows(results, config):
         lines.append(f"| {row['method']} | {pct(row['ratio_tensors'])} | {pct(row['ratio_parameters'])} | "
-                     f"{pct(row['illegal'])} | {pct(row['innocent'])} | {pct(row['innocent_kept'])} |")
+                     f"{pct(row['illegal'])} | {pct(row['innocent'])} | {pct(row['innocent_kept'])} | "
+                     f"{pct(row['illegal_probability'])} | {pct(row['innocent_probability_kept'])} |")
     return "\n".join(lines) + "\n"

@@ -48,6 +48,23 @@ def agreement(predicted: list[str], labels: list[dict], head: str) -> float:
     return float(np.mean([p == lab[head] for p, lab in zip(predicted, labels)])) if labels else float("nan")
 
 
+def prompted_probability(detector, images: np.ndarray, labels: list[dict], head: str, batch_size: int = 256) -> float:
+    """Mean probability the detector's ``head`` gives the prompted label: agreement without the argmax.
+
+    A continuous reading of the same question as :func:`agreement`, so two models whose images are
+    near the decision boundary differ by a fraction of an image, not by whole images.
+    """
+    if not labels:
+        return float("nan")
+    names = detector.heads_spec[head]
+    target = torch.tensor([names.index(lab[head]) for lab in labels])
+    probs = []
+    with torch.no_grad():
+        for chunk in images_to_tensor(images).split(batch_size):
+            probs.append(detector(chunk)[head].float().softmax(-1))
+    return float(torch.cat(probs).gather(1, target[:, None]).mean())
+
+
 def measure_quality(pipe, detector, n_per_concept: int = 8, seed: int = 0, num_inference_steps: int = 50,
                     guidance_scale: float = 7.5) -> dict[str, float]:
     """Detector agreement with the prompt, per concept kind (see QUALITY_BAR)."""
