@@ -276,3 +276,24 @@ def test_reproduce_quick_end_to_end(tmp_path, capsys):
         assert f"{experiment.name}: " in out
     assert "not run" not in text.split("## Summary")[1].split("<a id")[0]
     assert (tmp_path / "run" / "report.html").is_file()
+
+
+def test_full_immunize_profile_pins_the_prior_on_seen_characters_that_are_not_targets(tmp_path):
+    from conceptguard.world.concepts import SEEN_CHARACTERS
+    from conceptguard.world.dataset import load_folder
+
+    class FolderContext:
+        seed, work_dir = 0, tmp_path
+
+        def data_folder(self, name, n, seed, split, **fixed):
+            from conceptguard.reproduce.common import Context
+
+            return Context.data_folder(self, name, n, seed, split, **fixed)
+
+    config = immunize.FULL
+    targets = list(config.relearning_concepts)
+    folders = immunize._prior_folders(config, targets, FolderContext())
+    captions = [caption for folder in folders for _, caption in load_folder(folder)]
+    assert len(captions) == config.prior_images == 63 and config.ascent_cap > 0
+    named = {c for c in SEEN_CHARACTERS if any(c in caption for caption in captions)}
+    assert named == set(SEEN_CHARACTERS) - set(targets)

@@ -36,9 +36,14 @@ class ImmunizeClaimConfig:
     immunize_lr: float = 5e-4
     inner_lr: float = 1e-3
     inner_batch_size: int = 4
-    # World setting of docs/methods/imma-mima.md (generic captions); IMMA gets the same, so the
-    # comparison is about the Merge.
+    # World setting of docs/methods/imma-mima.md; IMMA gets the same, so the comparison is about the Merge.
     prior_weight: float = 10.0
+    # The prior pins the model on images of this many seen characters that are not targets (the publisher's
+    # own data, 63 images in all); 0 uses the concept images under generic captions.
+    prior_characters: int = 7
+    prior_images: int = 63
+    # Bounded ascent: unbounded (0), immunization that stops the world attacker also breaks the model.
+    ascent_cap: float = 0.3
     imma_adaptation: str = "custom"  # MIMA's inner adaptation is Custom Diffusion: IMMA is given the same
     erase_variant: str = "x"
     erase_steps: int = 450  # ESD-x on three characters at once: 0% each, others kept
@@ -58,6 +63,7 @@ class ImmunizeClaimConfig:
 
 QUICK = ImmunizeClaimConfig(personalization_concepts=("yulbar", "drennik"), relearning_concepts=("zorblat", "quimble"),
                             images_per_concept=8, immunize_steps=5, immunize_lr=1e-4, prior_weight=1.0,
+                            prior_characters=0, ascent_cap=0.0,
                             erase_steps=20, erase_lr=1e-3, erase_ddim_steps=10,
                             attack_steps=20, attack_lr=3e-3, attack_batch=4, lora_rank=4, checkpoints=(0, 20),
                             curve=CurveSettings(prompts=8, steps=10))
@@ -69,12 +75,23 @@ def _immunize(pipe, method: str, config: ImmunizeClaimConfig, concepts: list[str
     from conceptguard.methods import apply_method
 
     values = dict(concepts=concepts, data=folders, inner_lr=config.inner_lr, inner_batch_size=config.inner_batch_size,
-                  prior_weight=config.prior_weight)
+                  prior_weight=config.prior_weight, ascent_cap=config.ascent_cap)
+    if config.prior_characters:
+        values.update(prior_data=_prior_folders(config, concepts, ctx), prior_batch_size=4)
     if method == "imma":
         values["adaptation"] = config.imma_adaptation
     apply_method(pipe, method, run_dir=ctx.run_dir(f"{task}-{method}"),
                  train_config=ctx.train_config(config.immunize_steps, config.immunize_lr), **values)
     return pipe
+
+
+def _prior_folders(config: ImmunizeClaimConfig, concepts: list[str], ctx: Context) -> list[str]:
+    """Images of seen characters that are not targets: what the publisher wants the model to keep."""
+    from conceptguard.world.concepts import SEEN_CHARACTERS
+
+    keep = [c for c in SEEN_CHARACTERS if c not in concepts][:config.prior_characters]
+    return [str(ctx.data_folder(f"prior-{c}", config.prior_images // len(keep), ctx.seed + 3 + i, "pretrain",
+                                character=c)) for i, c in enumerate(keep)]
 
 
 def run(config: ImmunizeClaimConfig, ctx: Context) -> dict[str, Any]:
@@ -164,7 +181,10 @@ def tables(numbers: dict[str, Any], config: ImmunizeClaimConfig) -> list[Table]:
                  f"with M_without = 0: MIMA {entry['skipped_pairs']['mima']}, IMMA {entry['skipped_pairs']['imma']}). "
                  f"Immunization: {config.immunize_steps} steps, lr {config.immunize_lr:g}, inner lr "
                  f"{config.inner_lr:g}, "
-                 f"prior weight {config.prior_weight:g}, IMMA against {config.imma_adaptation}"
+                 f"prior weight {config.prior_weight:g}"
+                 + (f" on {config.prior_images} images of seen non-target characters" if config.prior_characters else "")
+                 + (f", ascent capped at {config.ascent_cap:g}" if config.ascent_cap else "")
+                 + f", IMMA against {config.imma_adaptation}"
                  + (f"; erased first with ESD-{config.erase_variant} ({config.erase_steps} steps)"
                     if task == "relearning" else "")
                  + f". Attack: {config.attack_steps} steps, lr {config.attack_lr:g}, batch {config.attack_batch}, "
