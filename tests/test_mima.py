@@ -75,6 +75,36 @@ def test_ascent_cap_stops_the_outer_gradient_above_the_cap(folders):
         MIMAConfig(concepts=["yulbar"], ascent_cap=-1)
 
 
+def test_a_cap_on_each_concept_keeps_ascending_the_concepts_below_it(folders):
+    """With ``cap_each_concept`` a concept whose loss is above the cap stops contributing, the others
+    still push θ; capping their mean at the same value stops all of them together."""
+    def outer(cap: float, each: bool):
+        torch.manual_seed(0)
+        recipe = ready_recipe(build_tiny_pipeline("sd1"), MIMAConfig(
+            concepts=list(CHARACTERS[:2]), data=folders, prior_weight=0.0, inner_lr=1e-2, ascent_cap=cap,
+            cap_each_concept=each))
+        generator = torch.Generator().manual_seed(0)  # the draws recipe.loss makes: inner steps, then outer
+        for n in range(len(folders)):
+            recipe.inner_step(n, 1, generator)
+        losses = recipe.outer_losses(generator).detach()
+        torch.manual_seed(0)
+        recipe = ready_recipe(build_tiny_pipeline("sd1"), MIMAConfig(
+            concepts=list(CHARACTERS[:2]), data=folders, prior_weight=0.0, inner_lr=1e-2, ascent_cap=cap,
+            cap_each_concept=each))
+        recipe.loss(1, torch.Generator().manual_seed(0)).backward()
+        return losses, sum(float(p.grad.abs().sum()) for p in recipe.trainable_parameters().values()
+                           if p.grad is not None)
+
+    losses, _ = outer(0.0, False)
+    assert losses[0] != losses[1]
+    between = float(losses.min() + losses.max()) / 2  # one concept above it, one below
+    _, each = outer(between, True)
+    _, mean_capped = outer(float(losses.min()) / 2, False)
+    assert each > 0 and mean_capped == 0
+    _, none_below = outer(float(losses.min()) / 2, True)
+    assert none_below == 0
+
+
 def test_merged_keys_and_values_meet_each_concepts_constraint(folders):
     recipe = ready_recipe(build_tiny_pipeline("sd1"), MIMAConfig(concepts=list(CHARACTERS[:2]), data=folders,
                                                                  inner_lr=1e-2))

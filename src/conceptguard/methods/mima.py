@@ -88,6 +88,9 @@ class MIMAConfig:
     include: list[str] = field(default_factory=list, metadata=_help("narrow the immunized parameters to patterns"))
     exclude: list[str] = field(default_factory=list, metadata=_help("keep parameters matching patterns unchanged"))
     ascent_cap: float = field(default=0.0, metadata=_help(ASCENT_CAP_HELP))
+    cap_each_concept: bool = field(default=False, metadata=_help(
+        "apply --ascent-cap to each concept's loss before averaging, not to the mean: a concept already far "
+        "above the cap no longer stops the ascent on the others"))
     prior_weight: float = field(default=1.0, metadata=_help(
         "weight of the prior-preservation term on generic prompts (IMMA: 0, MIMA: 1)"))
     regularization_prompts: list[str] = field(default_factory=lambda: list(DEFAULT_REGULARIZATION_PROMPTS),
@@ -229,17 +232,18 @@ class MIMARecipe:
                 merged[name] = merge(w0, self.rows, targets, self.reg_rows, ridge=self.config.merge_ridge)
         return merged
 
-    def outer_loss(self, generator: torch.Generator) -> torch.Tensor:
-        """The merged model's mean diffusion loss on the concepts' images."""
+    def outer_losses(self, generator: torch.Generator) -> torch.Tensor:
+        """The merged model's diffusion loss on each concept's images."""
         predict = self._predictor(self.merged_weights())
-        losses = [data.loss(predict, self.config.inner_batch_size, generator) for data in self.data]
-        return torch.stack(losses).mean()
+        return torch.stack([data.loss(predict, self.config.inner_batch_size, generator) for data in self.data])
 
     def loss(self, step: int, generator: torch.Generator) -> torch.Tensor:
         for _ in range(self.config.inner_steps):
             for n in range(len(self.data)):
                 self.inner_step(n, step, generator)
-        loss = -bounded_ascent(self.outer_loss(generator), self.config.ascent_cap)
+        losses, cap = self.outer_losses(generator), self.config.ascent_cap
+        loss = -(bounded_ascent(losses, cap).mean() if self.config.cap_each_concept
+                 else bounded_ascent(losses.mean(), cap))
         if self.prior is not None:
             loss = loss + self.config.prior_weight * self.prior.loss(self.live_predict, self.original_predict,
                                                                      generator)
