@@ -356,7 +356,8 @@ def table_markdown(results: dict[str, Any], config: TableConfig) -> str:
         f"{config.eval_images * len(config.illegal_characters)} images, lower is better). Innocent: "
         f"{config.innocent_domain} designs (detector's design-head agreement, % of {config.eval_images * 3} images, "
         f"higher is better; kept = share of Full FT's). Probabilities: the detector's mean probability of the "
-        f"prompted label over the same images (a continuous reading, less noisy). Fine-tuning: {config.finetune_steps} Adam steps, lr "
+        f"prompted label over the same images (the same question without the argmax). Fine-tuning: "
+        f"{config.finetune_steps} Adam steps, lr "
         f"{config.finetune_lr:g}, batch {config.finetune_batch}; seed {config.seed}.",
         "",
         "| Method | frozen tensors % | frozen params % | Illegal detection ↓ | Innocent agreement ↑ "
