@@ -355,7 +355,7 @@ def test_mima_lowers_dreambooth_personalization_and_keeps_a_fourth(tmp_path):
     lr 5e-4, batch 4 + 4 prior images of 32 class images): MSGR > 0.25 over yulbar/hobrin/lumetta, and
     drennik still personalizes at >= 90% of the plain model.
 
-    Measured 2026-12-03 with this script's settings (27 min, one shared core): plain 100/100, 91/97,
+    Measured 2026-12-03 (passed in 22 min on one core shared with two other jobs): plain 100/100, 91/97,
     72/97, drennik 72/97% at steps 100/200; after MIMA 88/81, 53/53, 31/47, drennik 69/94%: MSGR 0.38.
     On 16 prompts IMMA (same budget) reached MSGR 0.14 with drennik at 56% (MIMA 0.34, 88%)."""
     from conceptguard.evaluation.metrics import msgr
