@@ -71,13 +71,13 @@ FULL = ImmunizeClaimConfig()
 
 
 def _immunize(pipe, method: str, config: ImmunizeClaimConfig, concepts: list[str], folders: list[str], ctx: Context,
-              task: str):
+              task: str, prior_folders: list[str]):
     from conceptguard.methods import apply_method
 
     values = dict(concepts=concepts, data=folders, inner_lr=config.inner_lr, inner_batch_size=config.inner_batch_size,
                   prior_weight=config.prior_weight, ascent_cap=config.ascent_cap)
-    if config.prior_characters:
-        values.update(prior_data=_prior_folders(config, concepts, ctx), prior_batch_size=4)
+    if prior_folders:
+        values.update(prior_data=prior_folders, prior_batch_size=4)
     if method == "imma":
         values["adaptation"] = config.imma_adaptation
     apply_method(pipe, method, run_dir=ctx.run_dir(f"{task}-{method}"),
@@ -111,8 +111,9 @@ def run(config: ImmunizeClaimConfig, ctx: Context) -> dict[str, Any]:
                          variant=config.erase_variant, ddim_steps=config.erase_ddim_steps,
                          train_config=ctx.train_config(config.erase_steps, config.erase_lr))
         models = {"without": start}
+        prior = _prior_folders(config, concepts, ctx) if config.prior_characters else []
         for method in METHODS:
-            models[method] = _immunize(copy.deepcopy(start), method, config, concepts, folders, ctx, task)
+            models[method] = _immunize(copy.deepcopy(start), method, config, concepts, folders, ctx, task, prior)
         curves: dict[str, dict[str, Any]] = {}
         for name, pipe in models.items():
             for concept, folder in zip(concepts, folders):
