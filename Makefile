@@ -21,7 +21,7 @@ demo: install
 	$(VENV)/bin/conceptguard demo --out out/demo
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-slow: install
 	$(PY) -m pytest -q -m slow

@@ -201,7 +201,14 @@ def reproduce(out_dir: str | Path = "runs/reproduce", *, profile: str = "full", 
 
 def _run_in_process(name: str, config: Any, out_dir: Path, profile: str, seed: int, resume: bool) -> dict[str, Any]:
     """One experiment in a worker process, with its own copy of the world."""
+    import sys
+
     import torch
+
+    # A spawned worker's stdout is block-buffered when the run is logged to a file: its progress lines
+    # would appear only when the experiment ends.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)
 
     from conceptguard.models.io import quiet_libraries
 
