@@ -98,11 +98,16 @@ def test_world_clip_prefers_the_matching_caption():
     assert top1 >= 0.5, top1
 
 
-def test_quality_bar_on_a_seeded_sample(pipe):
-    # The bar's own sample (`conceptguard world quality`: 8 prompts per concept, seed 0, the default
-    # 50 DDIM steps). A 3-per-concept sample judges shape on 24 images, where one blurry blob moves
-    # the rate by 4 points: the tuned detector read 87.5% there against 95.4% on 152 objects.
-    scores = measure_quality(pipe, load_detector(), n_per_concept=8, seed=0, num_inference_steps=50)
+# The bar's own sample is `conceptguard world quality`: 8 prompts per concept, seed 0, the default 50 DDIM
+# steps. A 3-per-concept sample judges shape on 24 images, where one blurry blob moves the rate by 4 points
+# (the tuned detector read 87.5% there against 95.4% on 152 objects), so both tests keep 8 per concept.
+# With 20 DDIM steps the same prompts score the same (measured 2026-12-03: shape 100%, colour 98.4%,
+# style 100%, seen 100%, held out 4.2% at 20, 25 and 50 steps) in 40% of the time: the default suite
+# uses 20, the 50-step bar check is slow.
+@pytest.mark.parametrize("num_inference_steps", [
+    20, pytest.param(50, marks=[pytest.mark.slow, pytest.mark.world])])
+def test_quality_bar_on_a_seeded_sample(pipe, num_inference_steps):
+    scores = measure_quality(pipe, load_detector(), n_per_concept=8, seed=0, num_inference_steps=num_inference_steps)
     print(json.dumps(scores))
     verdict = meets_bar(scores)
     assert all(verdict.values()), {k: (scores[k], QUALITY_BAR[k]) for k in scores}
