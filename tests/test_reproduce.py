@@ -4,6 +4,7 @@ are cached and resumed, and the same seed gives the same numbers."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -261,6 +262,56 @@ def test_tiny_experiment_is_deterministic_resumable_and_rendered(tmp_path, world
               world=world, log=logs.append, results_md=None, report=False, resume=True)
     assert not any("reusing" in line for line in logs)
     assert json.loads((tmp_path / "a" / "esd" / "result.json").read_text())["config"]["steps"] == 1
+
+
+TINY_ATTACKS = {"defenses": ("none", "uce"), "attacks": ("finetune",), "attacker_images": 4, "publisher_images": 4,
+                "steps": 2, "checkpoints": (0, 2), "preservation_per_concept": 1}
+
+
+def test_an_interrupted_attack_matrix_resumes_by_row_with_the_numbers_of_an_uninterrupted_run(
+        tmp_path, world, monkeypatch):
+    from conceptguard.reproduce.common import CurveSettings
+
+    overrides = {"attacks": {**TINY_ATTACKS, "curve": CurveSettings(prompts=2, steps=2)}}
+
+    def run(out, **kwargs):
+        logs = []
+        reproduce(out, profile="quick", seed=1, only=["attacks"], overrides=overrides, world=world, log=logs.append,
+                  results_md=None, report=False, **kwargs)
+        return logs
+
+    run(tmp_path / "whole")
+    whole = (tmp_path / "whole" / "attacks" / "result.json").read_bytes()
+    assert not (tmp_path / "whole" / "attacks" / "stages").exists()  # a finished experiment keeps result.json only
+
+    real_attack = attacks._attack
+
+    def killed_in_the_second_row(ctx, defended, kind, config, defense, base):
+        if defense == "uce":
+            raise KeyboardInterrupt
+        return real_attack(ctx, defended, kind, config, defense, base)
+
+    monkeypatch.setattr(attacks, "_attack", killed_in_the_second_row)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut")
+    assert not (tmp_path / "cut" / "attacks" / "result.json").exists()
+    assert (tmp_path / "cut" / "attacks" / "stages" / "defense-none.json").is_file()
+    monkeypatch.setattr(attacks, "_attack", real_attack)
+
+    # Without --resume the finished row is not trusted: everything runs again.
+    shutil.copytree(tmp_path / "cut", tmp_path / "cut-again")
+    again = run(tmp_path / "cut-again")
+    assert not any("reusing" in line for line in again) and any("[attacks] none × finetune" in line for line in again)
+    # Resumed, the first row is reused and only the second runs; the numbers are those of the whole run.
+    logs = run(tmp_path / "cut", resume=True)
+    assert [line for line in logs if "reusing" in line] == [
+        f"[attacks] defense-none: reusing the finished part in {tmp_path / 'cut' / 'attacks' / 'stages'}"
+        "/defense-none.json"]
+    assert any("[attacks] uce × finetune" in line for line in logs)
+    assert not any("[attacks] none × finetune" in line for line in logs)
+    assert (tmp_path / "cut" / "attacks" / "result.json").read_bytes() == whole
+    timing = json.loads((tmp_path / "cut" / "attacks" / "timing.json").read_text())
+    assert timing["resumed"] is True
 
 
 @pytest.mark.slow

@@ -186,21 +186,29 @@ def run(config: AttackMatrixConfig, ctx: Context) -> dict[str, Any]:
     cells: dict[str, dict[str, Any]] = {}
     preservation: dict[str, float | None] = {}
     errors: dict[str, str] = {}
-    for defense in config.defenses:
+
+    def row(defense: str) -> dict[str, Any]:
+        """One defense, what it costs in preservation, and every attack on it."""
         try:
             defended = build_defense(defense, setup)
         except DefenseUnavailable as exc:
-            errors[defense] = str(exc)
             ctx.log(f"[attacks] {defense}: unavailable ({exc})")
-            continue
+            return {"error": str(exc)}
         metrics = ctx.evaluate(defended.pipe, f"defense-{defense}", [concept], records,
                                num_inference_steps=config.curve.steps, guidance_scale=config.curve.guidance_scale)
-        preservation[defense] = summarize(metrics, [concept])["preservation"]
-        cells[defense] = {}
+        attacked = {}
         for kind in config.attacks:
-            cells[defense][kind] = _attack(ctx, defended, kind, config, defense, base)
-            cell = cells[defense][kind]
+            cell = attacked[kind] = _attack(ctx, defended, kind, config, defense, base)
             ctx.log(f"[attacks] {defense} × {kind}: {cell['no_attack']} → {cell['attack']}")
+        return {"preservation": summarize(metrics, [concept])["preservation"], "cells": attacked}
+
+    for defense in config.defenses:
+        # A row takes minutes to an hour (500 re-learning steps per attack): an interrupted run resumes by row.
+        done = ctx.stage(f"defense-{defense}", lambda: row(defense))
+        if "error" in done:
+            errors[defense] = done["error"]
+        else:
+            preservation[defense], cells[defense] = done["preservation"], done["cells"]
     return {"cells": cells, "preservation": preservation, "errors": errors}
 
 

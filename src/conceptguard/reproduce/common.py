@@ -119,12 +119,43 @@ class Context:
     """Where one experiment works: ``root/<name>/`` holds its run folders, data and evaluations.
 
     ``report_runs`` collects the evaluation and attack folders that ``conceptguard report`` reads.
+    ``stages`` is the folder where :meth:`stage` keeps the finished parts of an experiment (None: keep
+    nothing); ``resuming`` says that the folder holds an interrupted run of this very experiment (same
+    profile, config, seed and base model), whose finished parts may be reused.
     """
 
-    def __init__(self, world: World, work_dir: str | Path, *, seed: int, name: str, log: Callable[[str], None] = print):
+    def __init__(self, world: World, work_dir: str | Path, *, seed: int, name: str, log: Callable[[str], None] = print,
+                 stages: str | Path | None = None, resuming: bool = False):
         self.world, self.seed, self.name, self.log = world, seed, name, log
         self.work_dir = Path(work_dir)
         self.report_runs: list[Path] = []
+        self.stages = Path(stages) if stages is not None else None
+        self.resuming = resuming
+
+    def stage(self, name: str, compute: Callable[[], Any]) -> Any:
+        """``compute()``, or its saved value when an interrupted run of this experiment finished it.
+
+        A stage is a part of an experiment whose numbers depend only on the experiment's config and seed
+        (a row of the attack matrix, one task of the immunize claim): reused, it gives exactly what
+        running it again would. The run folders it added to the report are added again, in order.
+        """
+        import json
+
+        from conceptguard.outputs import atomic_write_json
+
+        path = self.stages / f"{name}.json" if self.stages is not None else None
+        if path is not None and self.resuming and path.is_file():
+            saved = json.loads(path.read_text())
+            self.report_runs += [self.work_dir / run for run in saved["runs"]]
+            self.log(f"[{self.name}] {name}: reusing the finished part in {path}")
+            return saved["value"]
+        first_run = len(self.report_runs)
+        # Through JSON, as a reused value comes back: the result is then the same either way.
+        value = json.loads(json.dumps(compute(), default=str))
+        if path is not None:
+            runs = [str(run.relative_to(self.work_dir)) for run in self.report_runs[first_run:]]
+            atomic_write_json(path, {"value": value, "runs": runs})
+        return value
 
     # --- models and data ---------------------------------------------------------------------
 

@@ -95,36 +95,39 @@ def _prior_folders(config: ImmunizeClaimConfig, concepts: list[str], ctx: Contex
 
 
 def run(config: ImmunizeClaimConfig, ctx: Context) -> dict[str, Any]:
+    # Each task takes tens of minutes in the full profile: an interrupted run resumes by task.
+    return {task: ctx.stage(task, lambda: _run_task(config, ctx, task)) for task in TASKS}
+
+
+def _run_task(config: ImmunizeClaimConfig, ctx: Context, task: str) -> dict[str, Any]:
     import copy
 
     from conceptguard.methods import apply_method
 
-    numbers: dict[str, Any] = {}
-    for task in TASKS:
-        concepts = config.concepts(task)
-        split = "held_out_characters" if task == "personalization" else "pretrain"
-        folders = [str(ctx.data_folder(c, config.images_per_concept, ctx.seed + 7, split, character=c))
-                   for c in concepts]
-        start = ctx.pipeline()
-        if task == "relearning":
-            apply_method(start, "esd", run_dir=ctx.run_dir("relearning-esd"), concepts=concepts,
-                         variant=config.erase_variant, ddim_steps=config.erase_ddim_steps,
-                         train_config=ctx.train_config(config.erase_steps, config.erase_lr))
-        models = {"without": start}
-        prior = _prior_folders(config, concepts, ctx) if config.prior_characters else []
-        for method in METHODS:
-            models[method] = _immunize(copy.deepcopy(start), method, config, concepts, folders, ctx, task, prior)
-        curves: dict[str, dict[str, Any]] = {}
-        for name, pipe in models.items():
-            for concept, folder in zip(concepts, folders):
-                record = ctx.relearn(
-                    copy.deepcopy(pipe), f"{task}-{name}-{concept}", kind=config.attack_kind, concept=concept,
-                    data=folder, steps=config.attack_steps, lr=config.attack_lr, checkpoints=config.checkpoints,
-                    eval=config.curve, chart=f"{TASKS[task]}: {config.attack_kind} attacks",
-                    legend=f"{name} / {concept}", batch_size=config.attack_batch, lora_rank=config.lora_rank)
-                curves.setdefault(name, {})[concept] = curve_summary(record)
-        numbers[task] = {"concepts": concepts, "curves": curves, **scores(curves, concepts)}
-        ctx.log(f"[immunize] {TASKS[task]}: " + ", ".join(f"{m} {numbers[task]['score'][m]}" for m in METHODS))
+    concepts = config.concepts(task)
+    split = "held_out_characters" if task == "personalization" else "pretrain"
+    folders = [str(ctx.data_folder(c, config.images_per_concept, ctx.seed + 7, split, character=c))
+               for c in concepts]
+    start = ctx.pipeline()
+    if task == "relearning":
+        apply_method(start, "esd", run_dir=ctx.run_dir("relearning-esd"), concepts=concepts,
+                     variant=config.erase_variant, ddim_steps=config.erase_ddim_steps,
+                     train_config=ctx.train_config(config.erase_steps, config.erase_lr))
+    models = {"without": start}
+    prior = _prior_folders(config, concepts, ctx) if config.prior_characters else []
+    for method in METHODS:
+        models[method] = _immunize(copy.deepcopy(start), method, config, concepts, folders, ctx, task, prior)
+    curves: dict[str, dict[str, Any]] = {}
+    for name, pipe in models.items():
+        for concept, folder in zip(concepts, folders):
+            record = ctx.relearn(
+                copy.deepcopy(pipe), f"{task}-{name}-{concept}", kind=config.attack_kind, concept=concept,
+                data=folder, steps=config.attack_steps, lr=config.attack_lr, checkpoints=config.checkpoints,
+                eval=config.curve, chart=f"{TASKS[task]}: {config.attack_kind} attacks",
+                legend=f"{name} / {concept}", batch_size=config.attack_batch, lora_rank=config.lora_rank)
+            curves.setdefault(name, {})[concept] = curve_summary(record)
+    numbers = {"concepts": concepts, "curves": curves, **scores(curves, concepts)}
+    ctx.log(f"[immunize] {TASKS[task]}: " + ", ".join(f"{m} {numbers['score'][m]}" for m in METHODS))
     return numbers
 
 

@@ -94,6 +94,8 @@ def render_results(experiments: dict[str, Any], results: dict[str, dict[str, Any
         mark = ICONS[result["verdict"]] if result else "not run"
         timing = experiment_seconds.get(name, {})
         wall, cpu = (f"{timing[k]:.0f} s" if k in timing else "–" for k in ("seconds", "cpu_seconds"))
+        if timing.get("resumed"):
+            wall, cpu = f"{wall} (resumed: last part)", f"{cpu} (resumed: last part)"
         lines.append(f"| [{experiment.title}](#{name}) | {mark} | {wall} | {cpu} |")
     lines.append("")
     for name, experiment in experiments.items():

@@ -10,7 +10,10 @@ Run folder (``--out``, default ``runs/reproduce``)::
     report.html                one HTML report over every experiment's runs
 
 An experiment's result is reused (``resume``) when its ``result.json`` was made with the same
-profile, config, seed and base model; otherwise its folder is cleared and it runs again.
+profile, config, seed and base model; otherwise it runs again. An interrupted experiment leaves its
+finished parts in ``<experiment>/stages/`` (``Context.stage``: the attack matrix's rows, the immunize
+claim's tasks, with the guard table's own finished cells): resumed with the same fingerprint, it runs
+only the rest, and its numbers are those of an uninterrupted run. Any other folder is cleared first.
 """
 
 from __future__ import annotations
@@ -43,6 +46,9 @@ RESULT_FORMAT = "conceptguard-reproduce"
 RESULT_VERSION = 1
 RESULT_FILE = "result.json"
 TIMING_FILE = "timing.json"
+# An unfinished experiment's finished parts (Context.stage), with the fingerprint of the run that made them.
+STAGES_DIR = "stages"
+FINGERPRINT_FILE = "fingerprint"
 
 
 def experiments() -> dict[str, Experiment]:
@@ -77,7 +83,7 @@ def load_result(folder: Path) -> dict[str, Any] | None:
 def run_experiment(experiment: Experiment, config: Any, world: World, out_dir: Path, *, profile: str, seed: int,
                    resume: bool, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run one experiment (or reuse its cached result) and write ``out_dir/<name>/result.json``."""
-    from conceptguard.outputs import atomic_write_json
+    from conceptguard.outputs import atomic_write_json, atomic_write_text
 
     folder = out_dir / experiment.name
     key = fingerprint(profile, config, seed, world.content_hash)
@@ -90,10 +96,15 @@ def run_experiment(experiment: Experiment, config: Any, world: World, out_dir: P
         else:
             log(f"[reproduce] {experiment.name}: reusing {folder / RESULT_FILE}")
             return result
-    shutil.rmtree(folder, ignore_errors=True)  # a stale or half-finished run must not leak into this one
-    folder.mkdir(parents=True)
-    log(f"[reproduce] {experiment.name}: running the {profile} profile (seed {seed})")
-    ctx = Context(world, folder, seed=seed, name=experiment.name, log=log)
+    stages = folder / STAGES_DIR
+    resuming = resume and _read_text(stages / FINGERPRINT_FILE) == key
+    if not resuming:  # a stale or another experiment's half-finished run must not leak into this one
+        shutil.rmtree(folder, ignore_errors=True)
+    stages.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(stages / FINGERPRINT_FILE, key)
+    log(f"[reproduce] {experiment.name}: " + ("resuming" if resuming else "running")
+        + f" the {profile} profile (seed {seed})")
+    ctx = Context(world, folder, seed=seed, name=experiment.name, log=log, stages=stages, resuming=resuming)
     started, cpu_started = time.perf_counter(), time.process_time()
     numbers = experiment.run(config, ctx)
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
@@ -106,11 +117,20 @@ def run_experiment(experiment: Experiment, config: Any, world: World, out_dir: P
     })
     result = json.loads(json.dumps(result, default=str))  # plain JSON types, as a cached result reads back
     # CPU time says what the experiment costs on a machine shared with other jobs, where wall time does not.
+    # A resumed experiment's times are those of its last part only.
     atomic_write_json(folder / TIMING_FILE, {"seconds": round(seconds, 1), "cpu_seconds": round(cpu_seconds, 1),
-                                             "threads": _threads()})
+                                             "threads": _threads(), "resumed": resuming})
     atomic_write_json(folder / RESULT_FILE, result)  # last: its presence means the experiment finished
+    shutil.rmtree(stages, ignore_errors=True)  # the finished parts are in result.json now
     log(f"[reproduce] {experiment.name}: {result['verdict']} ({seconds:.0f} s, {cpu_seconds:.0f} s CPU)")
     return result
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
 
 
 def _drop_checkpoints(folder: Path) -> None:
@@ -257,6 +277,8 @@ def _experiment_seconds(out_dir: Path, results: dict[str, Any]) -> dict[str, dic
         except (OSError, json.JSONDecodeError):
             timing = {}
         seconds[name] = {k: timing[k] for k in ("seconds", "cpu_seconds") if isinstance(timing.get(k), (int, float))}
+        if timing.get("resumed") is True:
+            seconds[name]["resumed"] = True
     return seconds
 
 
