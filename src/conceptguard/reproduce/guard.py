@@ -70,13 +70,14 @@ def run(config: GuardClaimConfig, ctx: Context) -> dict[str, Any]:
     table_config = config.table_config(ctx.seed)
     log = lambda text: ctx.log(text)  # noqa: E731
     # The table keeps its finished cells (keyed by its config and base model): a resumed run reuses them.
-    main = run_table(ctx.pipeline(), ctx.detector, ctx.work_dir / "table", table_config, fresh=not ctx.resuming, log=log)
+    fresh = not ctx.resuming
+    main = run_table(ctx.pipeline(), ctx.detector, ctx.work_dir / "table", table_config, fresh=fresh, log=log)
     rows = table_rows(main, table_config)
     full_innocent = next(r["innocent"] for r in rows if r["key"] == "full")
     baseline_config = config.table_config(ctx.seed, methods=[])
     for name in BASELINES:
         pipe = _baseline_pipeline(name, config, table_config, ctx)
-        results = run_table(pipe, ctx.detector, ctx.work_dir / f"table-{name}", baseline_config, fresh=not ctx.resuming, log=log)
+        results = run_table(pipe, ctx.detector, ctx.work_dir / f"table-{name}", baseline_config, fresh=fresh, log=log)
         for row in table_rows(results, baseline_config):
             label = {"pretrained": f"{name.upper()} (no fine-tuning)", "full": f"{name.upper()} + Full FT"}[row["key"]]
             rows.append({**row, "method": label, "key": f"{name}-{row['key']}"})
