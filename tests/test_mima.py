@@ -203,11 +203,9 @@ def test_cli_refuses_foreign_options_and_missing_data(tiny_sd1_dir, folders, tmp
 #
 # World settings (docs/methods/imma-mima.md, "Measured on the embedded world"): 200 immunization steps,
 # Adam 5e-4, inner Custom Diffusion at 1e-3 (batch 4), ascent capped at a loss of 0.3, prior weight 10
-# on 63 images of seen characters (the publisher's own data, none of them a target), batch 4. The attacker is the red-team's world LoRA:
+# on 63 images of seen characters (the publisher's own data, none of them a target), batch 4. The attacker
+# is the red-team's world LoRA:
 # 200 steps, lr 1e-3, batch 8, rank 8, 64 images of the character; detection on 16 prompts, 25 steps.
-
-WORLD_ATTACK = dict(steps=200, lr=1e-3)
-WORLD_LORA = dict(batch_size=8, lora_rank=8)
 
 
 def _world_folder(character: str, root, n: int, seed: int):
@@ -244,21 +242,27 @@ def _immunize(pipe, method: str, concepts, root):
     return pipe
 
 
-def _lora_curve(pipe, character: str, root) -> list[float]:
-    """Detection of ``character`` at LoRA steps 100 and 200 on a copy of ``pipe``."""
+def _attack_curve(pipe, character: str, root, kind: str, lr: float, prompts: int, **attack) -> list[float]:
+    """Detection of ``character`` on ``prompts`` prompts at steps 100 and 200 of a ``kind`` attack on a copy of
+    ``pipe`` (the attacker's 64 images of the character)."""
     import copy
 
     from conceptguard.attacks.curves import GenerationSettings, world_detector, world_prompts
     from conceptguard.attacks.relearn import RelearnConfig, default_train_config, relearn_attack
 
     folder = _world_folder(character, root / "attacker", 64, 1)
-    _, record = relearn_attack(copy.deepcopy(pipe), folder, character, root / f"lora-{character}",
-                               config=RelearnConfig(kind="lora", **WORLD_LORA),
-                               train_config=default_train_config("lora", {**WORLD_ATTACK, "progress": False,
-                                                                          "checkpoint_every": 10**6}),
-                               checkpoints=[0, 100, 200], prompts=world_prompts(character, n=16),
+    _, record = relearn_attack(copy.deepcopy(pipe), folder, character, root / f"{kind}-{character}",
+                               config=RelearnConfig(kind=kind, **attack),
+                               train_config=default_train_config(kind, {"steps": 200, "lr": lr, "progress": False,
+                                                                        "checkpoint_every": 10**6}),
+                               checkpoints=[0, 100, 200], prompts=world_prompts(character, n=prompts),
                                detector=world_detector(character), settings=GenerationSettings(num_inference_steps=25))
     return [point["detection"] for point in record["curve"][1:]]
+
+
+def _lora_curve(pipe, character: str, root) -> list[float]:
+    """The red-team's world LoRA: 200 steps, lr 1e-3, batch 8, rank 8; 16 prompts."""
+    return _attack_curve(pipe, character, root, "lora", 1e-3, 16, batch_size=8, lora_rank=8)
 
 
 @pytest.mark.world
@@ -331,21 +335,9 @@ def test_mima_lowers_personalization_of_three_characters_and_keeps_a_fourth(tmp_
 
 
 def _dreambooth_curve(pipe, character: str, root) -> list[float]:
-    """Detection of ``character`` at DreamBooth steps 100 and 200 on a copy of ``pipe`` (32 prompts)."""
-    import copy
-
-    from conceptguard.attacks.curves import GenerationSettings, world_detector, world_prompts
-    from conceptguard.attacks.relearn import RelearnConfig, default_train_config, relearn_attack
-
-    folder = _world_folder(character, root / "attacker", 64, 1)
-    _, record = relearn_attack(copy.deepcopy(pipe), folder, character, root / f"db-{character}",
-                               config=RelearnConfig(kind="dreambooth", batch_size=4, num_class_images=32,
-                                                    class_inference_steps=25),
-                               train_config=default_train_config("dreambooth", {
-                                   "steps": 200, "lr": 5e-4, "progress": False, "checkpoint_every": 10**6}),
-                               checkpoints=[0, 100, 200], prompts=world_prompts(character, n=32),
-                               detector=world_detector(character), settings=GenerationSettings(num_inference_steps=25))
-    return [point["detection"] for point in record["curve"][1:]]
+    """The red-team's world DreamBooth: 200 steps, lr 5e-4, batch 4 + 4 prior images of 32 class images; 32 prompts."""
+    return _attack_curve(pipe, character, root, "dreambooth", 5e-4, 32, batch_size=4, num_class_images=32,
+                         class_inference_steps=25)
 
 
 @pytest.mark.world

@@ -135,8 +135,8 @@ def _read_text(path: Path) -> str | None:
 
 def _drop_checkpoints(folder: Path) -> None:
     """Training checkpoints are most of the disk an experiment uses (a gigabyte for the quick profile)
-    and serve no purpose once it finished: an unfinished experiment starts again from scratch. The
-    runs' configs and logs stay."""
+    and serve no purpose once it finished (an unfinished one resumes by finished part, never from a
+    checkpoint inside one). The runs' configs and logs stay."""
     for checkpoints in sorted(folder.rglob("checkpoints")):
         if checkpoints.is_dir():
             shutil.rmtree(checkpoints, ignore_errors=True)
