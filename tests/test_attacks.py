@@ -8,6 +8,7 @@ defaults are for real SD — are the ones docs/attacks.md lists.
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ from conceptguard.attacks.relearn import (
     relearn,
     relearn_attack,
 )
+from conceptguard.errors import ConceptGuardError
 from conceptguard.models.tiny import build_tiny_pipeline
 from conceptguard.training.loop import TrainConfig
 
@@ -86,6 +88,22 @@ def test_lora_trains_only_adapters_and_merges_exactly(tmp_path):
     after = _states(pipe)
     assert _changed(before, after) == {f"unet.{n}" for n in merged_names}
     assert all(any(f".{t}.weight" in n for t in ("to_q", "to_k", "to_v", "to_out.0")) for n in merged_names)
+
+
+def test_lora_puts_no_adapter_on_an_excluded_weight_so_a_guard_mask_binds_it(tmp_path):
+    pipe = build_tiny_pipeline("sd1")
+    frozen = sorted(n for n, _ in pipe.unet.named_parameters() if ".attn2." in n and n.endswith(".weight"))
+    before = _states(pipe)
+    config = RelearnConfig(kind="lora", batch_size=2, exclude=[f"re:^{re.escape(n)}$" for n in frozen])
+    result = relearn(pipe, _data(), "cat", tmp_path / "run", config=config,
+                     train_config=TrainConfig(steps=3, lr=1e-2, **FAST))
+    changed = _changed(before, _states(pipe))
+    assert changed and all(".attn1." in n for n in changed)  # merged adapters changed self-attention only
+    assert not changed & {f"unet.{n}" for n in frozen}
+    everything = [f"re:^{re.escape(n)}$" for n, _ in pipe.unet.named_parameters() if n.endswith(".weight")]
+    with pytest.raises(ConceptGuardError, match="every LoRA target projection is excluded"):
+        relearn(pipe, _data(), "cat", tmp_path / "none", config=RelearnConfig(kind="lora", exclude=everything),
+                train_config=TrainConfig(steps=1, lr=1e-2, **FAST))
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])

@@ -149,6 +149,10 @@ def test_a_mask_that_freezes_all_an_attack_trains_blocks_it(tiny_sd1):
     assert attacks._blocked(tiny_sd1, "custom", patterns)  # Custom Diffusion trains only attn2 k/v
     assert not attacks._blocked(tiny_sd1, "finetune", patterns)
     assert not attacks._blocked(tiny_sd1, "custom", patterns[1:])
+    assert not attacks._blocked(tiny_sd1, "lora", patterns)  # LoRA still adapts q, out and self-attention
+    projections = [n for n, _ in tiny_sd1.unet.named_parameters()
+                   if any(f".{t}.weight" in n for t in ("to_q", "to_k", "to_v", "to_out.0"))]
+    assert attacks._blocked(tiny_sd1, "lora", attacks._frozen_patterns(SimpleNamespace(frozen=set(projections))))
 
 
 def test_results_md_renders_every_claim(tmp_path):

@@ -84,7 +84,8 @@ class RelearnConfig:
         "images per step (default per kind: finetune 4, lora 4, dreambooth 1, ti 4, custom 8)"))
     preset: str = field(default="all", metadata=_help("[finetune, dreambooth] UNet parameters to train"))
     include: list[str] = field(default_factory=list, metadata=_help("[finetune, dreambooth, custom] narrow to patterns"))
-    exclude: list[str] = field(default_factory=list, metadata=_help("[finetune, dreambooth, custom] keep patterns frozen"))
+    exclude: list[str] = field(default_factory=list, metadata=_help(
+        "[finetune, lora, dreambooth, custom] keep patterns frozen (lora: no adapter on a matching weight)"))
     instance_prompt: str | None = field(default=None, metadata=_help(
         "one prompt for every image, '{token}' standing for the trigger (default: the data's captions)"))
     lora_rank: int = field(default=4, metadata=_help("[lora] adapter rank"))
@@ -287,10 +288,20 @@ class _AtCheckpoints:
 LORA_ADAPTER = "attack"
 
 
-def add_lora(unet, rank: int = 4, alpha: float | None = None, targets: Sequence[str] = LORA_TARGETS) -> list[str]:
-    """Add a LoRA adapter to ``unet``; returns the names of its (fp32) parameters."""
+def add_lora(unet, rank: int = 4, alpha: float | None = None, targets: Sequence[str] = LORA_TARGETS,
+             exclude: Sequence[str] = ()) -> list[str]:
+    """Add a LoRA adapter to ``unet``; returns the names of its (fp32) parameters.
+
+    ``exclude`` keeps weights frozen as it does for the other kinds: a projection whose ``weight``
+    matches a pattern gets no adapter, since a merged adapter would change that very tensor (this
+    is how a guard mask binds a LoRA attacker).
+    """
     from peft import LoraConfig
 
+    if exclude:
+        targets = lora_target_modules(unet, targets, exclude)
+        if not targets:
+            raise ConceptGuardError("every LoRA target projection is excluded (frozen); nothing is left to adapt")
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, init_lora_weights="gaussian",
                         target_modules=list(targets))
     try:
@@ -306,6 +317,18 @@ def add_lora(unet, rank: int = 4, alpha: float | None = None, targets: Sequence[
     if not names:
         raise ConceptGuardError(f"LoRA targets {list(targets)} matched no UNet module")
     return names
+
+
+def lora_target_modules(unet, targets: Sequence[str], exclude: Sequence[str]) -> list[str]:
+    """Full names of the modules peft would adapt for ``targets`` (a name equal to or ending in
+    ``.<target>``), less those whose weight matches an ``exclude`` pattern."""
+    from conceptguard.models.params import compile_pattern
+
+    excluded = [compile_pattern(p) for p in exclude]
+    return [name for name, module in unet.named_modules()
+            if any(name == t or name.endswith(f".{t}") for t in targets)
+            and isinstance(getattr(module, "weight", None), torch.nn.Parameter)
+            and not any(match(f"{name}.weight") for match in excluded)]
 
 
 def lora_layers(unet) -> list[str]:
@@ -388,7 +411,7 @@ def build_recipe(pipe, images: torch.Tensor, captions: Sequence[str], concept: s
         return recipe, trained, finish
 
     if config.kind == "lora":
-        names = add_lora(unet, config.lora_rank, config.lora_alpha, config.lora_targets)
+        names = add_lora(unet, config.lora_rank, config.lora_alpha, config.lora_targets, config.exclude)
         trained = [f"unet.{n}" for n in names]
 
         def finish():
@@ -496,6 +519,7 @@ __all__ = [
     "default_train_config",
     "denoising_loss",
     "lora_layers",
+    "lora_target_modules",
     "lora_state_dict",
     "merge_lora",
     "relearn",

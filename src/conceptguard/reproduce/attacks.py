@@ -6,9 +6,9 @@ character; each attack then tries to bring it back on a copy of the defended mod
 - re-learning (``finetune``, ``lora``, ``dreambooth``, ``ti``, ``custom``: ``attacks.relearn_attack``)
   from the attacker's own rendered images of the character, with the world settings of
   docs/attacks.md. A guard mask is enforced the way the publisher's fine-tuning API enforces it:
-  its frozen tensors are left out of what the attacker trains. LoRA adapters, Textual Inversion's
-  new embedding and adversarial prompts do not train UNet tensors in place, so no mask applies to
-  them (the table says so);
+  its frozen tensors are left out of what the attacker trains, and a frozen projection gets no LoRA
+  adapter (merged, the adapter would change that tensor). Textual Inversion's new embedding and
+  adversarial prompts change no UNet tensor, so no mask applies to them (the table says so);
 - adversarial prompts (``unlearndiff``, ``p4d``: ``attacks.run_prompt_attack``) against the
   defended model, with the base model as the original.
 
@@ -42,8 +42,8 @@ from conceptguard.reproduce.defenses import DefenseSetup, DefenseUnavailable, bu
 
 RELEARN_KINDS = ("finetune", "lora", "dreambooth", "ti", "custom")
 PROMPT_KINDS = ("unlearndiff", "p4d")
-# Attacks that train UNet tensors in place: the only ones a guard mask can stop.
-MASKED_KINDS = ("finetune", "dreambooth", "custom")
+# Attacks that change UNet tensors (in place, or LoRA's merged adapters): the ones a guard mask binds.
+MASKED_KINDS = ("finetune", "lora", "dreambooth", "custom")
 NO_DEFENSE = "none"
 STACKED = "stack"
 
@@ -150,8 +150,11 @@ def _attack(ctx: Context, defended, kind: str, config: AttackMatrixConfig, defen
 
 def _blocked(pipe, kind: str, exclude: list[str]) -> bool:
     """Whether the mask freezes every tensor the attack would train (Custom Diffusion: attn2 k/v)."""
+    from conceptguard.attacks.relearn import LORA_TARGETS, lora_target_modules
     from conceptguard.models.params import select_parameters
 
+    if kind == "lora":
+        return not lora_target_modules(pipe.unet, LORA_TARGETS, exclude)
     try:
         select_parameters(pipe.unet, "x-strict" if kind == "custom" else "all", exclude=exclude)
     except ConceptGuardError:  # the selection matched nothing
@@ -274,8 +277,8 @@ def tables(numbers: dict[str, Any], config: AttackMatrixConfig) -> list[Table]:
              f"({config.preservation_per_concept} image(s) per shape and character). Mean recovery over the defended "
              "rows: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in means.items())
              + (f"; strongest: {kind}" if kind else "") + ". Mask: 'enforced' = the guard's frozen tensors were left "
-             "out of the attacker's fine-tuning; 'n/a' = the attack trains no UNet tensor in place (LoRA adapters, "
-             f"a new token embedding, prompts), so no mask applies. {config.attacker_images} attacker images, curve on "
+             "out of the attacker's fine-tuning (LoRA: no adapter on a frozen projection); 'n/a' = the attack changes "
+             f"no UNet tensor (a new token embedding, prompts), so no mask applies. {config.attacker_images} attacker images, curve on "
              f"{config.curve.prompts} prompts with {config.curve.steps} DDIM steps; re-learning lr/batch per kind "
              "as in docs/attacks.md.")]
 
