@@ -174,6 +174,18 @@ def test_custom_diffusion_changes_only_cross_attention_keys_and_values(tmp_path)
     assert all(n.startswith("unet.") for n in changed)
 
 
+def test_dreambooth_with_the_first_layer_frozen_trains(tmp_path):
+    # A guard mask can freeze conv_in; torch's CPU backward segfaulted on the channels-last class
+    # batches of the prior loss then (torch 2.13), as it did on fine-tuning's instance batches.
+    pipe = build_tiny_pipeline("sd1")
+    before = _states(pipe)
+    config = RelearnConfig(kind="dreambooth", batch_size=2, num_class_images=2, class_inference_steps=2,
+                           exclude=["re:^conv_in\\."])
+    relearn(pipe, _data(), "cat", tmp_path / "run", config=config, train_config=TrainConfig(steps=2, lr=1e-3, **FAST))
+    changed = _changed(before, _states(pipe))
+    assert changed and not {"unet.conv_in.weight", "unet.conv_in.bias"} & changed
+
+
 def test_dreambooth_loss_is_instance_plus_weighted_prior():
     from accelerate import Accelerator
 

@@ -114,16 +114,17 @@ class TextToImageRecipe:
     def set_gradient_checkpointing(self, enable: bool) -> None:
         set_gradient_checkpointing(self.pipe.unet, enable)
 
-    def loss(self, step: int, generator: torch.Generator) -> torch.Tensor:
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond) -> torch.Tensor:
         # The drawn batches are channels-last (the VAE's latents are). When conv_in is frozen, as a
         # FreezeAsGuard mask or --preset x may leave it, torch's CPU backward segfaults on such an
         # input (torch 2.13); a contiguous copy avoids that. It is made only then, so that every
         # other run keeps its exact numerics.
-        contiguous = not any(p.requires_grad for p in self.pipe.unet.conv_in.parameters())
+        if not any(p.requires_grad for p in self.pipe.unet.conv_in.parameters()):
+            noisy = noisy.contiguous()
+        return unet_predict(self.unet, noisy, timesteps, cond)
 
-        def predict(noisy, t, cond):
-            return unet_predict(self.unet, noisy.contiguous() if contiguous else noisy, t, cond)
-        return self.data.loss(predict, self.batch_size, generator)
+    def loss(self, step: int, generator: torch.Generator) -> torch.Tensor:
+        return self.data.loss(self.predict, self.batch_size, generator)
 
 
 def images_and_captions(data, size: int) -> tuple[torch.Tensor, list[str]]:

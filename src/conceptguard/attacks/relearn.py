@@ -198,10 +198,7 @@ class PriorPreservationRecipe(TextToImageRecipe):
                                            accelerator.device)
 
     def prior_loss(self, generator: torch.Generator) -> torch.Tensor:
-        return self.class_data.loss(self._predict, self.batch_size, generator)
-
-    def _predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        return unet_predict(self.unet, noisy, timesteps, cond)
+        return self.class_data.loss(self.predict, self.batch_size, generator)
 
     def loss(self, step: int, generator: torch.Generator) -> torch.Tensor:
         instance = super().loss(step, generator)
