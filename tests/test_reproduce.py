@@ -20,9 +20,9 @@ def _summary(target=None, paraphrase=None, implicit=None, preservation=None, con
             "fid": 10.0, "clip": 50.0}
 
 
-def esd_numbers(x_preservation, u_preservation, x_implicit, u_implicit):
+def esd_numbers(x_preservation, u_preservation, x_implicit, u_implicit, x_target=0.1):
     return {"halo": {"base": _summary(1.0, None, 1.0, 0.9),
-                     "esd-x": _summary(0.1, None, x_implicit, x_preservation),
+                     "esd-x": _summary(x_target, None, x_implicit, x_preservation),
                      "esd-u": _summary(0.1, None, u_implicit, u_preservation)}}
 
 
@@ -89,8 +89,13 @@ def _passed(checks):
 
 def test_esd_verdicts_follow_the_numbers():
     config = esd.QUICK
-    assert _passed(esd.checks(esd_numbers(0.8, 0.7, 0.9, 0.2), config)) == [True, True]
+    assert _passed(esd.checks(esd_numbers(0.88, 0.82, 0.9, 0.2), config)) == [True, True]
     assert _passed(esd.checks(esd_numbers(0.7, 0.8, 0.2, 0.9), config)) == [False, False]
+    # An effect is 25 points or more: one image of 32 (1.0 vs 0.97) is not "stronger"; an ESD-x that
+    # erased nothing is not "targeted"; a rate lowered by breaking the model (preservation -20) is not erasure.
+    assert _passed(esd.checks(esd_numbers(0.88, 0.82, 1.0, 0.97), config)) == [True, False]
+    assert _passed(esd.checks(esd_numbers(0.88, 0.82, 0.9, 0.2, x_target=0.9), config)) == [False, True]
+    assert _passed(esd.checks(esd_numbers(0.88, 0.7, 0.9, 0.2), config)) == [True, False]
     # Ties are not "more targeted" / "stronger"; a value that was not measured never passes.
     assert _passed(esd.checks(esd_numbers(0.7, 0.7, 0.5, 0.5), config)) == [False, False]
     assert _passed(esd.checks(esd_numbers(None, 0.7, None, 0.5), config)) == [False, False]
@@ -101,6 +106,8 @@ def test_sdd_verdicts_follow_the_numbers():
     assert all(_passed(sdd.checks(sdd_numbers(0.1, 0.3, 0.8, 0.7), config)))
     assert not any(_passed(sdd.checks(sdd_numbers(0.3, 0.1, 0.7, 0.8), config)))
     assert all(_passed(sdd.checks(sdd_numbers(0.0, 0.0, 0.8, 0.8), config)))  # "at least as well": ties pass
+    # ... but not when neither erased: 90% vs 95% detection (base 100%) shows nothing about erasure.
+    assert _passed(sdd.checks(sdd_numbers(0.9, 0.95, 0.8, 0.8), config)) == [False, True, False, True]
 
 
 def test_guard_verdicts_follow_the_numbers():
@@ -134,6 +141,9 @@ def test_attack_matrix_verdicts_follow_the_numbers():
     assert check.passed
     (check,) = attacks.checks(attack_numbers(0.5), ATTACK_CONFIG)
     assert not check.passed and "uce 40.0% (preservation 80.0%)" in check.note  # the data that explains why not
+    # Every row recovering fully ties at the top: lowest, but no defense at all.
+    (check,) = attacks.checks(attack_numbers(1.0, {"esd-x": 1.0, "uce": 1.0}), ATTACK_CONFIG)
+    assert not check.passed and "not 25 points below the undefended model's 100.0%" in check.note
     missing = attack_numbers(0.2)
     del missing["cells"]["stack"]
     missing["errors"]["stack"] = "conceptguard.stack is not available"

@@ -28,11 +28,13 @@ from typing import Any
 
 from conceptguard.errors import ConceptGuardError
 from conceptguard.reproduce.common import (
+    EFFECT,
     Check,
     Context,
     CurveSettings,
     Experiment,
     Table,
+    below,
     curve_summary,
     pct,
     prompt_records,
@@ -231,11 +233,14 @@ def checks(numbers: dict[str, Any], config: AttackMatrixConfig) -> list[Check]:
     cells = numbers["cells"]
     claim = "The stacked defense has the lowest recovery under the strongest attack of all rows"
     criterion = ("strongest attack = highest mean recovery (detection after the attack) over the defended rows; "
-                 "under it, recovery of the stacked defense ≤ recovery of every other defended row")
+                 "under it, recovery of the stacked defense ≤ recovery of every other defended row, and ≥ "
+                 f"{100 * EFFECT:.0f} points below the undefended model's (rows that all recover fully tie, but "
+                 "show nothing)")
     if kind is None:
         return [Check(claim, criterion, {}, False, "no attack ran")]
     values = {name: row[kind]["attack"] for name, row in cells.items() if name != NO_DEFENSE and kind in row}
     values = {f"{name} ({kind})": v for name, v in values.items()}
+    values[f"{NO_DEFENSE} ({kind})"] = cells.get(NO_DEFENSE, {}).get(kind, {}).get("attack")
     stacked = cells.get(STACKED, {}).get(kind, {}).get("attack")
     others = {name: row[kind]["attack"] for name, row in cells.items()
               if name not in (NO_DEFENSE, STACKED) and kind in row}
@@ -243,16 +248,21 @@ def checks(numbers: dict[str, Any], config: AttackMatrixConfig) -> list[Check]:
         reason = numbers["errors"].get(STACKED, "the stacked defense is not in this run's defenses")
         return [Check(claim, criterion, values, False, f"stacked row missing: {reason}")]
     lower = {name: v for name, v in others.items() if v is not None and v < stacked}
-    passed = not lower and all(v is not None for v in others.values())
+    undefended = cells.get(NO_DEFENSE, {}).get(kind, {}).get("attack")
+    resists = below(stacked, undefended, EFFECT)
+    passed = not lower and all(v is not None for v in others.values()) and resists
     kept = numbers.get("preservation", {})
 
     def row_text(name: str, value: float) -> str:  # with what the defense cost before any attack
         return f"{name} {100 * value:.1f}% (preservation {pct(kept.get(name))})"
 
-    note = (f"strongest attack: {kind} (mean recovery {100 * means[kind]:.1f}% over the defended rows)"
-            + ("" if passed else f"; lower than the stacked defense's {100 * stacked:.1f}% (preservation "
-               f"{pct(kept.get(STACKED))}): "
-               + ", ".join(row_text(n, v) for n, v in sorted(lower.items(), key=lambda item: item[1]))))
+    note = f"strongest attack: {kind} (mean recovery {100 * means[kind]:.1f}% over the defended rows)"
+    if lower:
+        note += (f"; lower than the stacked defense's {100 * stacked:.1f}% (preservation {pct(kept.get(STACKED))}): "
+                 + ", ".join(row_text(n, v) for n, v in sorted(lower.items(), key=lambda item: item[1])))
+    if not resists:
+        note += (f"; the stacked defense's {100 * stacked:.1f}% is not {100 * EFFECT:.0f} points below the "
+                 f"undefended model's {pct(undefended)}")
     return [Check(claim, criterion, values, passed, note)]
 
 

@@ -56,11 +56,30 @@ _OPS: dict[str, Callable[[float, float], bool]] = {
     "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
 
 
+# The smallest difference of detection rates a claim counts as an effect: 25 points, the bar of the
+# world's method tests (docs/methods/esd.md). Rates come from 16-32 images, where one image is 3-6
+# points: a claim must not be "reproduced" by one image more or less.
+EFFECT = 0.25
+# What an erasure may cost in preservation accuracy before a lower detection rate counts as damage
+# rather than erasure (the same tests' bar).
+KEEP_DROP = 0.10
+
+
 def compare(a: float | None, op: str, b: float | None) -> bool:
     """``a op b``; a number that was not measured (None) never satisfies a claim."""
     if a is None or b is None:
         return False
     return _OPS[op](a, b)
+
+
+def below(a: float | None, b: float | None, margin: float) -> bool:
+    """``a`` at least ``margin`` below ``b`` (up to rounding); None never satisfies a claim."""
+    return a is not None and b is not None and a <= b - margin + 1e-9
+
+
+def dropped_at_most(value: float | None, base: float | None, drop: float) -> bool:
+    """``value`` at most ``drop`` below ``base``."""
+    return below(base, value, -drop)
 
 
 def verdict(checks: Sequence[Check]) -> str:

@@ -15,7 +15,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from conceptguard.reproduce.common import Check, Context, Experiment, Table, compare, prompt_records, summarize
+from conceptguard.reproduce.common import (
+    EFFECT,
+    KEEP_DROP,
+    Check,
+    Context,
+    Experiment,
+    Table,
+    below,
+    compare,
+    dropped_at_most,
+    prompt_records,
+    summarize,
+)
 
 VARIANTS = ("x", "u")
 
@@ -71,17 +83,28 @@ def run(config: ESDClaimConfig, ctx: Context) -> dict[str, Any]:
 def checks(numbers: dict[str, Any], config: ESDClaimConfig) -> list[Check]:
     targeted, implicit = numbers[config.targeted_concept], numbers[config.implicit_concept]
     px, pu = targeted["esd-x"]["preservation"], targeted["esd-u"]["preservation"]
-    ix = implicit["esd-x"]["erasure"]["implicit"]
-    iu = implicit["esd-u"]["erasure"]["implicit"]
+    tx, t_base = targeted["esd-x"]["erasure"]["target"], targeted["base"]["erasure"]["target"]
+    ix, iu = implicit["esd-x"]["erasure"]["implicit"], implicit["esd-u"]["erasure"]["implicit"]
+    i_base = implicit["base"]["erasure"]["implicit"]
+    pu_implicit, p_base = implicit["esd-u"]["preservation"], implicit["base"]["preservation"]
+    points = f"{100 * EFFECT:.0f} points"
     return [
         Check("ESD-x is more targeted than ESD-u (less interference with other concepts)",
-              f"after erasing {config.targeted_concept!r}: preservation accuracy of ESD-x > that of ESD-u "
-              "(detector agreement with the prompted labels on preservation prompts)",
-              {"ESD-x preservation": px, "ESD-u preservation": pu}, compare(px, ">", pu)),
+              f"after erasing {config.targeted_concept!r}: ESD-x erased it (target detection ≥ {points} below the "
+              "base model's) and its preservation accuracy (detector agreement with the prompted labels on "
+              "preservation prompts) > ESD-u's",
+              {"ESD-x preservation": px, "ESD-u preservation": pu, "ESD-x target detection": tx,
+               "base target detection": t_base},
+              compare(px, ">", pu) and below(tx, t_base, EFFECT)),
         Check("ESD-u is stronger on implicit prompts",
-              f"after erasing {config.implicit_concept!r}: its detection rate on implicit prompts (trigger words "
-              "only) is lower with ESD-u than with ESD-x",
-              {"ESD-x implicit detection": ix, "ESD-u implicit detection": iu}, compare(iu, "<", ix)),
+              f"after erasing {config.implicit_concept!r}: ESD-u's detection rate on implicit prompts (trigger "
+              f"words only) is ≥ {points} below ESD-x's and the base model's, with ESD-u's preservation down by "
+              f"≤ {100 * KEEP_DROP:.0f} points (docs/methods/esd.md's bar: a lower rate bought by damage is not "
+              "erasure)",
+              {"ESD-x implicit detection": ix, "ESD-u implicit detection": iu, "base implicit detection": i_base,
+               "ESD-u preservation": pu_implicit, "base preservation": p_base},
+              below(iu, ix, EFFECT) and below(iu, i_base, EFFECT)
+              and dropped_at_most(pu_implicit, p_base, KEEP_DROP)),
     ]
 
 

@@ -13,7 +13,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from conceptguard.reproduce.common import Check, Context, Experiment, Table, compare, prompt_records, summarize
+from conceptguard.reproduce.common import (
+    EFFECT,
+    Check,
+    Context,
+    Experiment,
+    Table,
+    below,
+    compare,
+    prompt_records,
+    summarize,
+)
 
 SETTINGS = ("single", "multi")
 
@@ -109,12 +119,14 @@ def checks(numbers: dict[str, Any], config: SDDClaimConfig) -> list[Check]:
         what = (f"{config.single_concept!r} alone" if setting == "single"
                 else f"{len(entry['concepts'])} concepts together ({', '.join(entry['concepts'])})")
         label = "Table 1, single concept" if setting == "single" else "Table 2, multi-concept"
+        base = models["base"]["erasure_mean"]
         out.append(Check(
             f"SDD erases at least as well as ESD ({label})",
             f"erasing {what}: SDD's mean detection rate of the erased concept(s) over their prompt groups ≤ "
-            f"{shown}'s",
-            {"SDD erasure": sdd["erasure_mean"], f"{shown} erasure": esd["erasure_mean"]},
-            compare(sdd["erasure_mean"], "<=", esd["erasure_mean"])))
+            f"{shown}'s, and ≥ {100 * EFFECT:.0f} points below the base model's (two models that both fail to "
+            "erase tie, but show nothing)",
+            {"SDD erasure": sdd["erasure_mean"], f"{shown} erasure": esd["erasure_mean"], "base": base},
+            compare(sdd["erasure_mean"], "<=", esd["erasure_mean"]) and below(sdd["erasure_mean"], base, EFFECT)))
         out.append(Check(
             f"SDD preserves other concepts at least as well as ESD ({label})",
             f"erasing {what}: SDD's preservation accuracy ≥ {shown}'s",
