@@ -316,6 +316,11 @@ def test_an_interrupted_attack_matrix_resumes_by_row_with_the_numbers_of_an_unin
     shutil.copytree(tmp_path / "cut", tmp_path / "cut-again")
     again = run(tmp_path / "cut-again")
     assert not any("reusing" in line for line in again) and any("[attacks] none × finetune" in line for line in again)
+    # Resumed where no part had finished: it runs whole, and its time is not marked as a part's.
+    shutil.copytree(tmp_path / "cut", tmp_path / "cut-early")
+    (tmp_path / "cut-early" / "attacks" / "stages" / "defense-none.json").unlink()
+    run(tmp_path / "cut-early", resume=True)
+    assert json.loads((tmp_path / "cut-early" / "attacks" / "timing.json").read_text())["resumed"] is False
     # Resumed, the first row is reused and only the second runs; the numbers are those of the whole run.
     logs = run(tmp_path / "cut", resume=True)
     assert [line for line in logs if "reusing" in line] == [

@@ -150,6 +150,7 @@ class Context:
         self.report_runs: list[Path] = []
         self.stages = Path(stages) if stages is not None else None
         self.resuming = resuming
+        self.reused_parts = 0  # finished parts of an interrupted run taken as they were
 
     def stage(self, name: str, compute: Callable[[], Any]) -> Any:
         """``compute()``, or its saved value when an interrupted run of this experiment finished it.
@@ -166,6 +167,7 @@ class Context:
         if path is not None and self.resuming and path.is_file():
             saved = json.loads(path.read_text())
             self.report_runs += [self.work_dir / run for run in saved["runs"]]
+            self.reused_parts += 1
             self.log(f"[{self.name}] {name}: reusing the finished part in {path}")
             return saved["value"]
         first_run = len(self.report_runs)

@@ -71,6 +71,8 @@ def run(config: GuardClaimConfig, ctx: Context) -> dict[str, Any]:
     log = lambda text: ctx.log(text)  # noqa: E731
     # The table keeps its finished cells (keyed by its config and base model): a resumed run reuses them.
     fresh = not ctx.resuming
+    ctx.reused_parts += sum(not fresh and (ctx.work_dir / table / "results.json").is_file()
+                            for table in ["table"] + [f"table-{name}" for name in BASELINES])
     main = run_table(ctx.pipeline(), ctx.detector, ctx.work_dir / "table", table_config, fresh=fresh, log=log)
     rows = table_rows(main, table_config)
     full_innocent = next(r["innocent"] for r in rows if r["key"] == "full")

@@ -117,9 +117,9 @@ def run_experiment(experiment: Experiment, config: Any, world: World, out_dir: P
     })
     result = json.loads(json.dumps(result, default=str))  # plain JSON types, as a cached result reads back
     # CPU time says what the experiment costs on a machine shared with other jobs, where wall time does not.
-    # A resumed experiment's times are those of its last part only.
+    # A resumed experiment's times are those of the parts it ran, not of those it reused.
     atomic_write_json(folder / TIMING_FILE, {"seconds": round(seconds, 1), "cpu_seconds": round(cpu_seconds, 1),
-                                             "threads": _threads(), "resumed": resuming})
+                                             "threads": _threads(), "resumed": ctx.reused_parts > 0})
     atomic_write_json(folder / RESULT_FILE, result)  # last: its presence means the experiment finished
     shutil.rmtree(stages, ignore_errors=True)  # the finished parts are in result.json now
     log(f"[reproduce] {experiment.name}: {result['verdict']} ({seconds:.0f} s, {cpu_seconds:.0f} s CPU)")
