@@ -1,7 +1,7 @@
 """Re-run the papers' headline experiments on the embedded world and write docs/results.md.
 
     conceptguard reproduce --quick                  # CI-sized profile (minutes)
-    conceptguard reproduce                          # the full profile (about two hours on 2 CPU cores)
+    conceptguard reproduce                          # the full profile (about 3.5 hours with --jobs 2 on 2 CPU cores)
     conceptguard reproduce --only esd sdd --resume  # some claims; reuse finished ones
 
 Claims: esd (ESD-x vs ESD-u), sdd (SDD vs ESD), guard (FreezeAsGuard vs Random vs Full FT vs UCE vs
