@@ -203,7 +203,7 @@ def test_dreambooth_loss_is_instance_plus_weighted_prior():
     with torch.no_grad():
         total = recipe.loss(1, torch.Generator().manual_seed(7))
         by_hand = torch.Generator().manual_seed(7)
-        instance = recipe.data.loss(recipe._predict, 2, by_hand)
+        instance = recipe.data.loss(recipe.predict, 2, by_hand)
         # Hand-computed prior term: the same draws CaptionedLatents makes, written out.
         data = recipe.class_data
         idx = torch.randint(0, len(data), (2,), generator=by_hand)
