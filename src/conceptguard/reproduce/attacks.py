@@ -288,8 +288,8 @@ def tables(numbers: dict[str, Any], config: AttackMatrixConfig) -> list[Table]:
              "rows: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in means.items())
              + (f"; strongest: {kind}" if kind else "") + ". Mask: 'enforced' = the guard's frozen tensors were left "
              "out of the attacker's fine-tuning (LoRA: no adapter on a frozen projection); 'n/a' = the attack changes "
-             f"no UNet tensor (a new token embedding, prompts), so no mask applies. {config.attacker_images} attacker images, curve on "
-             f"{config.curve.prompts} prompts with {config.curve.steps} DDIM steps; re-learning lr/batch per kind "
+             f"no UNet tensor (a new token embedding, prompts), so no mask applies. {config.attacker_images} attacker "
+             f"images, curve on {config.curve.prompts} prompts with {config.curve.steps} DDIM steps; re-learning lr/batch per kind "
              "as in docs/attacks.md.")]
 
 
