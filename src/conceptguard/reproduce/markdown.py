@@ -70,7 +70,8 @@ def render_results(experiments: dict[str, Any], results: dict[str, dict[str, Any
            "not what the full profile would)" if profile == "quick" else "")
         + ". Every number below is measured on the embedded world by running the methods, attacks and "
           "metrics of conceptguard; every verdict is computed from those numbers by the criterion shown. "
-          "See [reproduce.md](reproduce.md) for the command, the profiles and the criteria.",
+          "See [reproduce.md](reproduce.md) for the command, the profiles, the criteria and what the full "
+          "run found.",
         "",
         f"- Machine: {machine['system']}, {machine['cpu_cores']} CPU cores, torch {machine['torch']} on "
         f"{machine['device']} with {machine['torch_threads']} thread(s), Python {machine['python']}.",
