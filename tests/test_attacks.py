@@ -106,6 +106,23 @@ def test_lora_puts_no_adapter_on_an_excluded_weight_so_a_guard_mask_binds_it(tmp
                 train_config=TrainConfig(steps=1, lr=1e-2, **FAST))
 
 
+def test_lora_attack_gives_the_same_model_whatever_ran_before_it(tmp_path):
+    # LoRA's A matrices are random: drawn from the process's RNG state, a resumed reproduce run (a part
+    # computed after other work) gave other numbers than an uninterrupted one.
+    results = []
+    for history in (1, 2):
+        pipe = build_tiny_pipeline("sd1")
+        torch.manual_seed(history)
+        relearn(pipe, _data(), "cat", tmp_path / f"run{history}", config=RelearnConfig(kind="lora", batch_size=2),
+                train_config=TrainConfig(steps=2, lr=1e-2, seed=3, **FAST))
+        results.append(_states(pipe))
+    assert not _changed(results[0], results[1])
+    other_seed = build_tiny_pipeline("sd1")
+    relearn(other_seed, _data(), "cat", tmp_path / "seed4", config=RelearnConfig(kind="lora", batch_size=2),
+            train_config=TrainConfig(steps=2, lr=1e-2, seed=4, **FAST))
+    assert _changed(results[0], _states(other_seed))  # the draws do follow the run's seed
+
+
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 def test_textual_inversion_changes_only_the_new_row(family, tmp_path):
     pipe = build_tiny_pipeline(family)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -430,6 +431,15 @@ def build_recipe(pipe, images: torch.Tensor, captions: Sequence[str], concept: s
     return recipe, trained, finish
 
 
+@contextmanager
+def _seeded_rng(device: torch.device, seed: int):
+    """Torch's global generators seeded with ``seed`` inside the block, and as they were after it."""
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
 def relearn(pipe, data, concept: str, run_dir: str | Path, *, config: RelearnConfig | None = None,
             train_config: TrainConfig | None = None, checkpoints: Sequence[int] = (),
             on_checkpoint: Callable[[int], Any] | None = None, resolved_config: dict | None = None) -> RelearnResult:
@@ -443,7 +453,10 @@ def relearn(pipe, data, concept: str, run_dir: str | Path, *, config: RelearnCon
     config = config or RelearnConfig()
     train_config = train_config or default_train_config(config.kind)
     images, captions = images_and_captions(data, image_size(pipe))
-    recipe, trained, finish = build_recipe(pipe, images, captions, concept, config)
+    # LoRA's Gaussian A matrices are drawn while the recipe is built, before the loop seeds anything: drawn
+    # from the run's seed, the attack gives the same numbers whatever ran before it in this process.
+    with _seeded_rng(pipe.unet.device, train_config.seed):
+        recipe, trained, finish = build_recipe(pipe, images, captions, concept, config)
     if on_checkpoint is not None and checkpoints:
         recipe = _AtCheckpoints(recipe, checkpoints, on_checkpoint)
     resolved = {"method": f"attack-{config.kind}", "concept": concept, "attack": config_to_dict(config)}
