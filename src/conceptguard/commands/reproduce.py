@@ -8,7 +8,7 @@ Claims: esd (ESD-x vs ESD-u), sdd (SDD vs ESD), guard (FreezeAsGuard vs Random v
 IMMA), immunize (MIMA vs IMMA: MSGR/MRSGR), attacks (every defense against every attack). Each runs
 the real methods, caches its result in OUT/<claim>/result.json as it finishes, and is judged from its
 numbers (✅ reproduced / ❌ not reproduced); --resume reuses a finished claim whose profile, config,
-seed and base model are unchanged. OUT/report.html is the HTML report over every run.
+seed, base model and measuring code are unchanged. OUT/report.html is the HTML report over every run.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--results-md", default="docs/results.md",
                         help="results page to write (default: docs/results.md)")
     parser.add_argument("--resume", action="store_true",
-                        help="reuse finished claims whose profile, config, seed and base model are unchanged")
+                        help="reuse finished claims whose profile, config, seed, base model and measuring code "
+                             "are unchanged")
     parser.add_argument("--jobs", type=int, default=1,
                         help="experiments run at once, each in its own process (default 1; 2 on a 2-core machine)")
     parser.add_argument("--no-report", action="store_true", help="skip the HTML reports")

@@ -44,6 +44,9 @@ EXPERIMENT_MODULES = (
 PROFILES = ("quick", "full")
 RESULT_FORMAT = "conceptguard-reproduce"
 RESULT_VERSION = 1
+# Bumped when a code change alters what an experiment measures (2: LoRA attacks seeded from the run's seed), so
+# that --resume never reuses a result or a finished part measured by older code.
+NUMBERS_VERSION = 2
 RESULT_FILE = "result.json"
 TIMING_FILE = "timing.json"
 # An unfinished experiment's finished parts (Context.stage), with the fingerprint of the run that made them.
@@ -63,9 +66,9 @@ def config_dict(config: Any) -> dict[str, Any]:
 
 
 def fingerprint(profile: str, config: Any, seed: int, base_hash: str) -> str:
-    """What makes two results comparable: same profile, config, seed and base model."""
-    payload = json.dumps({"profile": profile, "config": config_dict(config), "seed": seed, "base_model": base_hash},
-                         sort_keys=True, default=str)
+    """What makes two results comparable: same profile, config, seed, base model and measuring code."""
+    payload = json.dumps({"profile": profile, "config": config_dict(config), "seed": seed, "base_model": base_hash,
+                          "numbers_version": NUMBERS_VERSION}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
