@@ -282,22 +282,32 @@ TINY_ATTACKS = {"defenses": ("none", "uce"), "attacks": ("finetune",), "attacker
                 "steps": 2, "checkpoints": (0, 2), "preservation_per_concept": 1}
 
 
-def test_an_interrupted_attack_matrix_resumes_by_row_with_the_numbers_of_an_uninterrupted_run(
-        tmp_path, world, monkeypatch):
+def _run_matrix(out, world, **kwargs):
+    """The tiny attack matrix (rows none and uce); returns the main process's log lines."""
     from conceptguard.reproduce.common import CurveSettings
 
+    logs = []
     overrides = {"attacks": {**TINY_ATTACKS, "curve": CurveSettings(prompts=2, steps=2)}}
+    reproduce(out, profile="quick", seed=1, only=["attacks"], overrides=overrides, world=world, log=logs.append,
+              results_md=None, report=False, **kwargs)
+    return logs
 
+
+@pytest.fixture(scope="module")
+def whole_matrix(tmp_path_factory, world):
+    """result.json of the tiny matrix run in one process, uninterrupted."""
+    out = tmp_path_factory.mktemp("whole")
+    _run_matrix(out, world)
+    assert not (out / "attacks" / "stages").exists()  # a finished experiment keeps result.json only
+    return (out / "attacks" / "result.json").read_bytes()
+
+
+def test_an_interrupted_attack_matrix_resumes_by_row_with_the_numbers_of_an_uninterrupted_run(
+        tmp_path, world, whole_matrix, monkeypatch):
     def run(out, **kwargs):
-        logs = []
-        reproduce(out, profile="quick", seed=1, only=["attacks"], overrides=overrides, world=world, log=logs.append,
-                  results_md=None, report=False, **kwargs)
-        return logs
+        return _run_matrix(out, world, **kwargs)
 
-    run(tmp_path / "whole")
-    whole = (tmp_path / "whole" / "attacks" / "result.json").read_bytes()
-    assert not (tmp_path / "whole" / "attacks" / "stages").exists()  # a finished experiment keeps result.json only
-
+    whole = whole_matrix
     real_attack = attacks._attack
 
     def killed_in_the_second_row(ctx, defended, kind, config, defense, base):
@@ -321,6 +331,9 @@ def test_an_interrupted_attack_matrix_resumes_by_row_with_the_numbers_of_an_unin
     (tmp_path / "cut-early" / "attacks" / "stages" / "defense-none.json").unlink()
     run(tmp_path / "cut-early", resume=True)
     assert json.loads((tmp_path / "cut-early" / "attacks" / "timing.json").read_text())["resumed"] is False
+    shutil.copytree(tmp_path / "cut", tmp_path / "cut-parallel")
+    shutil.copytree(tmp_path / "cut", tmp_path / "cut-untimed")
+    first_row = json.loads((tmp_path / "cut" / "attacks" / "stages" / "defense-none.json").read_text())
     # Resumed, the first row is reused and only the second runs; the numbers are those of the whole run.
     logs = run(tmp_path / "cut", resume=True)
     assert [line for line in logs if "reusing" in line] == [
@@ -329,8 +342,62 @@ def test_an_interrupted_attack_matrix_resumes_by_row_with_the_numbers_of_an_unin
     assert any("[attacks] uce × finetune" in line for line in logs)
     assert not any("[attacks] none × finetune" in line for line in logs)
     assert (tmp_path / "cut" / "attacks" / "result.json").read_bytes() == whole
+    # Its times add the reused row's, saved with it, to those of the row run now.
     timing = json.loads((tmp_path / "cut" / "attacks" / "timing.json").read_text())
-    assert timing["resumed"] is True
+    assert timing["resumed"] is False and timing["cpu_seconds"] > first_row["cpu_seconds"] > 0
+    # A row saved without its times (an older version) is reused as well, and the timing says it is left out.
+    stage = tmp_path / "cut-untimed" / "attacks" / "stages" / "defense-none.json"
+    stage.write_text(json.dumps({k: first_row[k] for k in ("value", "runs")}))
+    run(tmp_path / "cut-untimed", resume=True)
+    assert (tmp_path / "cut-untimed" / "attacks" / "result.json").read_bytes() == whole
+    timing = json.loads((tmp_path / "cut-untimed" / "attacks" / "timing.json").read_text())
+    assert timing["resumed"] is True and timing["untimed_parts"] == 1
+    # Resumed with worker processes: only the missing row is computed, in a worker.
+    logs = run(tmp_path / "cut-parallel", resume=True, jobs=2)
+    assert _finished_parts(logs) == ["defense-uce"]
+    assert (tmp_path / "cut-parallel" / "attacks" / "result.json").read_bytes() == whole
+
+
+def _finished_parts(logs):
+    return sorted(line.rsplit(" ", 1)[1] for line in logs if "finished part" in line)
+
+
+def test_attack_matrix_rows_computed_by_separate_processes_give_the_numbers_of_one_process(
+        tmp_path, world, whole_matrix):
+    # Both rows at once, in two worker processes sharing the data folders; then assembled from their stages.
+    logs = _run_matrix(tmp_path / "two", world, jobs=2)
+    assert _finished_parts(logs) == ["defense-none", "defense-uce"]
+    assert (tmp_path / "two" / "attacks" / "result.json").read_bytes() == whole_matrix
+    assert not (tmp_path / "two" / "attacks" / "stages").exists()
+    timing = json.loads((tmp_path / "two" / "attacks" / "timing.json").read_text())
+    assert timing["resumed"] is False and timing["cpu_seconds"] > 0
+
+
+def test_a_part_process_shares_data_folders_and_computes_only_its_own_stage(tmp_path):
+    from conceptguard.errors import ConceptGuardError
+    from conceptguard.reproduce.common import Context
+
+    (tmp_path / "stages").mkdir()
+    part = Context(None, tmp_path, seed=0, name="x", stages=tmp_path / "stages", resuming=True, only="row-a")
+    folder = part.data_folder("d", 2, 5, "pretrain", character="zorblat")
+    (folder / "00000.txt").write_text("left by the process that rendered it\n")
+    # Asked again with the same settings (another part), the folder is reused as it is, not rendered again.
+    assert part.data_folder("d", 2, 5, "pretrain", character="zorblat") == folder
+    assert (folder / "00000.txt").read_text() == "left by the process that rendered it\n"
+    # Other settings would re-render a folder another part may be reading: refused.
+    with pytest.raises(ConceptGuardError, match="different settings"):
+        part.data_folder("d", 2, 6, "pretrain", character="zorblat")
+    # One process alone renders it again with the new settings.
+    Context(None, tmp_path, seed=0, name="x").data_folder("d", 2, 6, "pretrain", character="zorblat")
+    assert (folder / "00000.txt").read_text() != "left by the process that rendered it\n"
+
+    assert part.skips("row-b") and not part.skips("row-a")
+    assert part.stage("row-a", lambda: {"value": 1}) == {"value": 1}
+    saved = json.loads((tmp_path / "stages" / "row-a.json").read_text())
+    assert saved["value"] == {"value": 1} and saved["cpu_seconds"] >= 0 and saved["seconds"] >= 0
+    with pytest.raises(ConceptGuardError, match="belongs to another process"):
+        part.stage("row-b", lambda: {"value": 2})
+    assert not (tmp_path / "stages" / "row-b.json").exists()
 
 
 @pytest.mark.slow

@@ -1,7 +1,7 @@
 """Re-run the papers' headline experiments on the embedded world and write docs/results.md.
 
     conceptguard reproduce --quick                  # CI-sized profile (minutes)
-    conceptguard reproduce                          # the full profile (about 3.5 hours with --jobs 2 on 2 CPU cores)
+    conceptguard reproduce                          # the full profile (about 3 hours with --jobs 2 on 2 CPU cores)
     conceptguard reproduce --only esd sdd --resume  # some claims; reuse finished ones
 
 Claims: esd (ESD-x vs ESD-u), sdd (SDD vs ESD), guard (FreezeAsGuard vs Random vs Full FT vs UCE vs
@@ -30,7 +30,8 @@ def add_arguments(parser) -> None:
                         help="reuse finished claims whose profile, config, seed, base model and measuring code "
                              "are unchanged")
     parser.add_argument("--jobs", type=int, default=1,
-                        help="experiments run at once, each in its own process (default 1; 2 on a 2-core machine)")
+                        help="processes that run experiments, or rows of the attack matrix, at once (default 1; "
+                             "one per CPU core)")
     parser.add_argument("--no-report", action="store_true", help="skip the HTML reports")
 
 

@@ -208,13 +208,20 @@ def run(config: AttackMatrixConfig, ctx: Context) -> dict[str, Any]:
         return {"preservation": summarize(metrics, [concept])["preservation"], "cells": attacked}
 
     for defense in config.defenses:
+        if ctx.skips(_part(defense)):  # another process computes this row
+            continue
         # A row takes minutes to an hour (500 re-learning steps per attack): an interrupted run resumes by row.
-        done = ctx.stage(f"defense-{defense}", lambda: row(defense))
+        done = ctx.stage(_part(defense), lambda: row(defense))
         if "error" in done:
             errors[defense] = done["error"]
         else:
             preservation[defense], cells[defense] = done["preservation"], done["cells"]
     return {"cells": cells, "preservation": preservation, "errors": errors}
+
+
+def _part(defense: str) -> str:
+    """The stage of a row: rows are independent, so ``reproduce --jobs N`` computes them N at a time."""
+    return f"defense-{defense}"
 
 
 def strongest_attack(numbers: dict[str, Any], attacks) -> tuple[str | None, dict[str, float]]:
@@ -310,5 +317,5 @@ EXPERIMENT = Experiment(
     source="conceptguard issue #10; attacks: Pham et al. (Circumventing Concept Erasure), UnlearnDiffAtk, P4D, "
            "FreezeAsGuard's attacker, DreamBooth, Custom Diffusion",
     profiles={"quick": QUICK, "full": FULL},
-    run=run, checks=checks, tables=tables,
+    run=run, checks=checks, tables=tables, parts=lambda config: [_part(d) for d in config.defenses],
 )

@@ -108,6 +108,10 @@ class Experiment:
     run: Callable[[Any, "Context"], dict[str, Any]]
     checks: Callable[[dict[str, Any], Any], list[Check]]
     tables: Callable[[dict[str, Any], Any], list[Table]]
+    # The names of the experiment's independent stages (Context.stage), when it has several: with
+    # ``reproduce --jobs N`` each may be computed in its own process (``run`` must then leave out the
+    # stages that ``ctx.skips``), and the experiment is then assembled from its finished stages.
+    parts: Callable[[Any], list[str]] | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,17 +144,26 @@ class Context:
     ``report_runs`` collects the evaluation and attack folders that ``conceptguard report`` reads.
     ``stages`` is the folder where :meth:`stage` keeps the finished parts of an experiment (None: keep
     nothing); ``resuming`` says that the folder holds an interrupted run of this very experiment (same
-    profile, config, seed and base model), whose finished parts may be reused.
+    profile, config, seed and base model), whose finished parts may be reused. ``only`` names the one
+    stage this process computes while other processes compute the others (``Experiment.parts``).
     """
 
     def __init__(self, world: World, work_dir: str | Path, *, seed: int, name: str, log: Callable[[str], None] = print,
-                 stages: str | Path | None = None, resuming: bool = False):
+                 stages: str | Path | None = None, resuming: bool = False, only: str | None = None):
         self.world, self.seed, self.name, self.log = world, seed, name, log
         self.work_dir = Path(work_dir)
         self.report_runs: list[Path] = []
         self.stages = Path(stages) if stages is not None else None
         self.resuming = resuming
+        self.only = only
         self.reused_parts = 0  # finished parts of an interrupted run taken as they were
+        # What the reused parts cost when they were computed; parts saved without their times are counted.
+        self.reused_seconds = self.reused_cpu_seconds = 0.0
+        self.untimed_parts = 0
+
+    def skips(self, name: str) -> bool:
+        """Whether stage ``name`` is left to another process (``run`` must not compute it here)."""
+        return self.only is not None and name != self.only
 
     def stage(self, name: str, compute: Callable[[], Any]) -> Any:
         """``compute()``, or its saved value when an interrupted run of this experiment finished it.
@@ -160,6 +173,7 @@ class Context:
         running it again would. The run folders it added to the report are added again, in order.
         """
         import json
+        import time
 
         from conceptguard.outputs import atomic_write_json
 
@@ -168,14 +182,26 @@ class Context:
             saved = json.loads(path.read_text())
             self.report_runs += [self.work_dir / run for run in saved["runs"]]
             self.reused_parts += 1
+            if "cpu_seconds" in saved:
+                self.reused_seconds += saved["seconds"]
+                self.reused_cpu_seconds += saved["cpu_seconds"]
+            else:  # saved by a version that did not time its parts
+                self.untimed_parts += 1
             self.log(f"[{self.name}] {name}: reusing the finished part in {path}")
             return saved["value"]
+        if self.skips(name):
+            from conceptguard.errors import ConceptGuardError
+
+            raise ConceptGuardError(f"{self.name}: stage {name!r} belongs to another process (this one computes "
+                                    f"{self.only!r}); the experiment's run must leave out the stages ctx.skips")
         first_run = len(self.report_runs)
+        started, cpu_started = time.perf_counter(), time.process_time()
         # Through JSON, as a reused value comes back: the result is then the same either way.
         value = json.loads(json.dumps(compute(), default=str))
         if path is not None:
             runs = [str(run.relative_to(self.work_dir)) for run in self.report_runs[first_run:]]
-            atomic_write_json(path, {"value": value, "runs": runs})
+            atomic_write_json(path, {"value": value, "runs": runs, "seconds": round(time.perf_counter() - started, 1),
+                                     "cpu_seconds": round(time.process_time() - cpu_started, 1)})
         return value
 
     # --- models and data ---------------------------------------------------------------------
@@ -196,12 +222,36 @@ class Context:
         return path
 
     def data_folder(self, name: str, n: int, seed: int, split: str, **fixed: str) -> Path:
-        """``n`` rendered world images (+ captions) of ``split`` pinned to ``fixed``, as a folder."""
+        """``n`` rendered world images (+ captions) of ``split`` pinned to ``fixed``, as a folder.
+
+        A folder already rendered with the same settings is reused: the processes that compute an
+        experiment's parts at once share it (the lock makes one render it while the others wait).
+        """
+        import json
+
+        from filelock import FileLock
+
+        from conceptguard.errors import ConceptGuardError
+        from conceptguard.outputs import atomic_write_text
         from conceptguard.world.dataset import export_folder, generate
 
         folder = self.work_dir / "data" / name
-        shutil.rmtree(folder, ignore_errors=True)
-        return export_folder(generate(n, seed=seed, split=split, **fixed), folder)
+        # Beside the folder, not in it: a data folder holds only what its loaders read.
+        spec_file = folder.with_name(f".{name}.spec")
+        spec = json.dumps({"n": n, "seed": seed, "split": split, **fixed}, sort_keys=True)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(folder.with_name(f".{name}.lock")):
+            found = spec_file.read_text() if spec_file.is_file() else None
+            if found == spec and folder.is_dir():
+                return folder
+            if found is not None and self.only is not None:  # another part may be reading it right now
+                raise ConceptGuardError(f"{self.name}: parts of the experiment render data folder {name!r} with "
+                                        "different settings; parts that run at once must share their data folders")
+            spec_file.unlink(missing_ok=True)  # written last: its presence means the folder is complete
+            shutil.rmtree(folder, ignore_errors=True)
+            export_folder(generate(n, seed=seed, split=split, **fixed), folder)
+            atomic_write_text(spec_file, spec)
+        return folder
 
     def train_config(self, steps: int, lr: float, optimizer: str = "adam", **values: Any):
         """A quiet, seeded TrainConfig that checkpoints only at the end (resume is per experiment)."""

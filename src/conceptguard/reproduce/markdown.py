@@ -76,11 +76,11 @@ def render_results(experiments: dict[str, Any], results: dict[str, dict[str, Any
         f"- Machine: {machine['system']}, {machine['cpu_cores']} CPU cores, torch {machine['torch']} on "
         f"{machine['device']} with {machine['torch_threads']} thread(s), Python {machine['python']}.",
         f"- Time: this invocation took {run_seconds:.0f} s wall"
-        + (f" with {jobs} experiments at a time" if jobs > 1 else "")
+        + (f" with {jobs} processes (experiments, or rows of the attack matrix, at once)" if jobs > 1 else "")
         + f"; the experiments shown took {total['seconds']:.0f} s wall and {total['cpu_seconds']:.0f} s CPU in all "
-          "(per experiment below; a reused one with the time of the run that made it). Each experiment runs on one "
-          "thread, so on an idle machine its wall time is about its CPU time; on a shared one wall time overstates "
-          "the cost.",
+          "(per experiment below: the sum over its parts, wherever and whenever they ran; a reused one with the "
+          "time of the run that made it). Each experiment runs on one thread, so on an idle machine its wall time "
+          "is about its CPU time; on a shared one wall time overstates the cost.",
         f"- Seed {seed}; base model content hash "
         f"`{next(iter(results.values()))['base_model_hash'] if results else 'n/a'}`; run folder `{out_dir}` "
         "(HTML report: `report.html` there).",
@@ -95,8 +95,10 @@ def render_results(experiments: dict[str, Any], results: dict[str, dict[str, Any
         mark = ICONS[result["verdict"]] if result else "not run"
         timing = experiment_seconds.get(name, {})
         wall, cpu = (f"{timing[k]:.0f} s" if k in timing else "–" for k in ("seconds", "cpu_seconds"))
-        if timing.get("resumed"):
-            wall, cpu = f"{wall} (resumed: last part)", f"{cpu} (resumed: last part)"
+        if timing.get("resumed"):  # some reused parts were saved without their times
+            untimed = timing.get("untimed_parts")
+            label = f"without {untimed} untimed reused part(s)" if untimed else "resumed: last part"
+            wall, cpu = f"{wall} ({label})", f"{cpu} ({label})"
         lines.append(f"| [{experiment.title}](#{name}) | {mark} | {wall} | {cpu} |")
     lines.append("")
     for name, experiment in experiments.items():

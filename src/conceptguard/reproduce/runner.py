@@ -14,6 +14,8 @@ profile, config, seed and base model; otherwise it runs again. An interrupted ex
 finished parts in ``<experiment>/stages/`` (``Context.stage``: the attack matrix's rows, the immunize
 claim's tasks, with the guard table's own finished cells): resumed with the same fingerprint, it runs
 only the rest, and its numbers are those of an uninterrupted run. Any other folder is cleared first.
+With ``jobs`` > 1 the parts of an experiment that declares them (``Experiment.parts``) are computed by
+separate processes into the same ``stages/`` folder, and the experiment is assembled from them.
 """
 
 from __future__ import annotations
@@ -84,29 +86,24 @@ def load_result(folder: Path) -> dict[str, Any] | None:
 
 
 def run_experiment(experiment: Experiment, config: Any, world: World, out_dir: Path, *, profile: str, seed: int,
-                   resume: bool, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run one experiment (or reuse its cached result) and write ``out_dir/<name>/result.json``."""
-    from conceptguard.outputs import atomic_write_json, atomic_write_text
+                   resume: bool, log: Callable[[str], None] = print, prepared: bool = False) -> dict[str, Any]:
+    """Run one experiment (or reuse its cached result) and write ``out_dir/<name>/result.json``.
+
+    ``prepared``: the folder was opened by :func:`open_experiment` and its parts computed by other
+    processes; this assembles the experiment from them.
+    """
+    from conceptguard.outputs import atomic_write_json
 
     folder = out_dir / experiment.name
     key = fingerprint(profile, config, seed, world.content_hash)
-    cached = load_result(folder)
-    if resume and cached is not None and cached.get("fingerprint") == key:
-        try:
-            result = rejudge(experiment, config, cached, folder)
-        except (KeyError, TypeError, ValueError):  # numbers laid out by another version of the experiment
-            log(f"[reproduce] {experiment.name}: the cached result does not fit this version; running again")
-        else:
-            log(f"[reproduce] {experiment.name}: reusing {folder / RESULT_FILE}")
-            return result
+    if prepared:
+        resuming = True
+    else:
+        cached = reusable_result(experiment, config, folder, key, resume=resume, log=log)
+        if cached is not None:
+            return cached
+        resuming = open_experiment(experiment, folder, key, resume=resume, profile=profile, seed=seed, log=log)
     stages = folder / STAGES_DIR
-    resuming = resume and _read_text(stages / FINGERPRINT_FILE) == key
-    if not resuming:  # a stale or another experiment's half-finished run must not leak into this one
-        shutil.rmtree(folder, ignore_errors=True)
-    stages.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(stages / FINGERPRINT_FILE, key)
-    log(f"[reproduce] {experiment.name}: " + ("resuming" if resuming else "running")
-        + f" the {profile} profile (seed {seed})")
     ctx = Context(world, folder, seed=seed, name=experiment.name, log=log, stages=stages, resuming=resuming)
     started, cpu_started = time.perf_counter(), time.process_time()
     numbers = experiment.run(config, ctx)
@@ -120,13 +117,49 @@ def run_experiment(experiment: Experiment, config: Any, world: World, out_dir: P
     })
     result = json.loads(json.dumps(result, default=str))  # plain JSON types, as a cached result reads back
     # CPU time says what the experiment costs on a machine shared with other jobs, where wall time does not.
-    # A resumed experiment's times are those of the parts it ran, not of those it reused.
+    # Both add up what every part cost where it ran (another process, an earlier run); ``resumed`` says that
+    # some reused parts were saved without their times, so the figures leave them out.
+    seconds += ctx.reused_seconds
+    cpu_seconds += ctx.reused_cpu_seconds
     atomic_write_json(folder / TIMING_FILE, {"seconds": round(seconds, 1), "cpu_seconds": round(cpu_seconds, 1),
-                                             "threads": _threads(), "resumed": ctx.reused_parts > 0})
+                                             "threads": _threads(), "resumed": ctx.untimed_parts > 0,
+                                             "untimed_parts": ctx.untimed_parts})
     atomic_write_json(folder / RESULT_FILE, result)  # last: its presence means the experiment finished
     shutil.rmtree(stages, ignore_errors=True)  # the finished parts are in result.json now
     log(f"[reproduce] {experiment.name}: {result['verdict']} ({seconds:.0f} s, {cpu_seconds:.0f} s CPU)")
     return result
+
+
+def reusable_result(experiment: Experiment, config: Any, folder: Path, key: str, *, resume: bool,
+                    log: Callable[[str], None]) -> dict[str, Any] | None:
+    """The experiment's cached result, judged again, when ``resume`` may reuse it (same fingerprint)."""
+    cached = load_result(folder)
+    if not (resume and cached is not None and cached.get("fingerprint") == key):
+        return None
+    try:
+        result = rejudge(experiment, config, cached, folder)
+    except (KeyError, TypeError, ValueError):  # numbers laid out by another version of the experiment
+        log(f"[reproduce] {experiment.name}: the cached result does not fit this version; running again")
+        return None
+    log(f"[reproduce] {experiment.name}: reusing {folder / RESULT_FILE}")
+    return result
+
+
+def open_experiment(experiment: Experiment, folder: Path, key: str, *, resume: bool, profile: str, seed: int,
+                    log: Callable[[str], None]) -> bool:
+    """Make ``folder`` ready for a run: kept when resuming the same fingerprint, else cleared.
+    Returns whether its finished parts may be reused."""
+    from conceptguard.outputs import atomic_write_text
+
+    stages = folder / STAGES_DIR
+    resuming = resume and _read_text(stages / FINGERPRINT_FILE) == key
+    if not resuming:  # a stale or another experiment's half-finished run must not leak into this one
+        shutil.rmtree(folder, ignore_errors=True)
+    stages.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(stages / FINGERPRINT_FILE, key)
+    log(f"[reproduce] {experiment.name}: " + ("resuming" if resuming else "running")
+        + f" the {profile} profile (seed {seed})")
+    return resuming
 
 
 def _read_text(path: Path) -> str | None:
@@ -171,10 +204,10 @@ def reproduce(out_dir: str | Path = "runs/reproduce", *, profile: str = "full", 
               log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the experiments of ``profile`` (all, or ``only``), then write ``results_md`` and the report.
 
-    ``jobs`` > 1 runs that many experiments at once, each in its own process (the numbers do not
-    change: every experiment is seeded on its own). ``overrides`` replaces config fields per
-    experiment (``{"esd": {"steps": 5}}``), for tests and quick looks; a result made with overrides is
-    reused only with the same ones. Returns ``{"results": {name: result}, "seconds": wall time,
+    ``jobs`` > 1 runs that many experiments, or parts of one (the attack matrix's rows), at once, each
+    in its own process (the numbers do not change: every experiment and part is seeded on its own).
+    ``overrides`` replaces config fields per experiment (``{"esd": {"steps": 5}}``), for tests and
+    quick looks; a result made with overrides is reused only with the same ones. Returns ``{"results": {name: result}, "seconds": wall time,
     "results_md": path, "report": path}``.
     """
     from conceptguard.reproduce.markdown import render_results
@@ -194,8 +227,9 @@ def reproduce(out_dir: str | Path = "runs/reproduce", *, profile: str = "full", 
     started = time.perf_counter()
     world = world or World()
     configs = {name: replace(e.profiles[profile], **overrides.get(name, {})) for name, e in available.items()}
-    if jobs > 1 and len(chosen) > 1:
-        results = _run_parallel(chosen, configs, out_dir, profile=profile, seed=seed, resume=resume, jobs=jobs)
+    if jobs > 1:
+        results = _run_parallel(chosen, configs, out_dir, world=world, profile=profile, seed=seed, resume=resume,
+                                jobs=jobs, log=log)
     else:
         results = {name: run_experiment(available[name], configs[name], world, out_dir, profile=profile, seed=seed,
                                         resume=resume, log=log) for name in chosen}
@@ -222,8 +256,8 @@ def reproduce(out_dir: str | Path = "runs/reproduce", *, profile: str = "full", 
     return summary
 
 
-def _run_in_process(name: str, config: Any, out_dir: Path, profile: str, seed: int, resume: bool) -> dict[str, Any]:
-    """One experiment in a worker process, with its own copy of the world."""
+def _worker_setup() -> None:
+    """A worker process logs and computes like the CLI's main process, on one core."""
     import sys
 
     import torch
@@ -237,21 +271,80 @@ def _run_in_process(name: str, config: Any, out_dir: Path, profile: str, seed: i
 
     quiet_libraries()  # as the CLI does in the main process: no progress bars from the libraries
     torch.set_num_threads(1)  # one core per worker: the tiny world's ops gain nothing from more threads
-    return run_experiment(experiments()[name], config, World(), out_dir, profile=profile, seed=seed, resume=resume)
 
 
-def _run_parallel(chosen: list[str], configs: dict[str, Any], out_dir: Path, *, profile: str, seed: int,
-                  resume: bool, jobs: int) -> dict[str, dict[str, Any]]:
+def _run_in_process(name: str, config: Any, out_dir: Path, profile: str, seed: int, resume: bool,
+                    prepared: bool = False) -> dict[str, Any]:
+    """One experiment in a worker process, with its own copy of the world (``prepared``: assemble it)."""
+    _worker_setup()
+    return run_experiment(experiments()[name], config, World(), out_dir, profile=profile, seed=seed, resume=resume,
+                          prepared=prepared)
+
+
+def _run_part_in_process(name: str, part: str, config: Any, out_dir: Path, seed: int) -> None:
+    """One part of an opened experiment in a worker process: it leaves the part's stage file."""
+    _worker_setup()
+    folder = out_dir / name
+    ctx = Context(World(), folder, seed=seed, name=name, stages=folder / STAGES_DIR, resuming=True, only=part)
+    experiments()[name].run(config, ctx)  # the numbers are read back from the stage file when assembling
+
+
+def _run_parallel(chosen: list[str], configs: dict[str, Any], out_dir: Path, *, world: World, profile: str,
+                  seed: int, resume: bool, jobs: int, log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+    """``jobs`` worker processes run the whole experiments and the parts of those that have them (the
+    attack matrix's rows); an experiment with parts is assembled from them once the last one finished."""
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-    # Longest first (the attack matrix is last in the page's order), so the workers finish together.
-    order = list(reversed(chosen))
+    available = experiments()
+    results: dict[str, dict[str, Any]] = {}
+    parts_left: dict[str, set[str]] = {}
+    # Whole experiments first, then the parts (shorter, and many): the workers then finish close together.
+    whole = [name for name in reversed(chosen) if available[name].parts is None]
+    split = [name for name in reversed(chosen) if available[name].parts is not None]
     # spawn: a fresh interpreter per worker, never a fork of a process holding torch's thread pools.
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {name: pool.submit(_run_in_process, name, configs[name], out_dir, profile, seed, resume)
-                   for name in order}
-        return {name: futures[name].result() for name in chosen}
+        running = {}
+
+        def assemble(name: str) -> None:
+            future = pool.submit(_run_in_process, name, configs[name], out_dir, profile, seed, True, True)
+            running[future] = (name, None)
+
+        for name in whole:
+            running[pool.submit(_run_in_process, name, configs[name], out_dir, profile, seed, resume)] = (name, None)
+        for name in split:
+            experiment, config, folder = available[name], configs[name], out_dir / name
+            key = fingerprint(profile, config, seed, world.content_hash)
+            cached = reusable_result(experiment, config, folder, key, resume=resume, log=log)
+            if cached is not None:
+                results[name] = cached
+                continue
+            open_experiment(experiment, folder, key, resume=resume, profile=profile, seed=seed, log=log)
+            parts_left[name] = {part for part in experiment.parts(config)
+                                if not (folder / STAGES_DIR / f"{part}.json").is_file()}
+            for part in experiment.parts(config):
+                if part in parts_left[name]:
+                    running[pool.submit(_run_part_in_process, name, part, config, out_dir, seed)] = (name, part)
+            if not parts_left[name]:
+                assemble(name)
+        try:
+            while running:
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    name, part = running.pop(future)
+                    value = future.result()
+                    if part is None:
+                        results[name] = value
+                        continue
+                    log(f"[reproduce] {name}: finished part {part}")
+                    parts_left[name].discard(part)
+                    if not parts_left[name]:
+                        assemble(name)
+        except BaseException:
+            for future in running:  # what has not started never will; finished parts stay for --resume
+                future.cancel()
+            raise
+    return {name: results[name] for name in chosen}
 
 
 def write_reports(out_dir: Path, results: dict[str, dict[str, Any]], log: Callable[[str], None] = print) -> Path | None:
