@@ -207,8 +207,8 @@ def reproduce(out_dir: str | Path = "runs/reproduce", *, profile: str = "full", 
     ``jobs`` > 1 runs that many experiments, or parts of one (the attack matrix's rows), at once, each
     in its own process (the numbers do not change: every experiment and part is seeded on its own).
     ``overrides`` replaces config fields per experiment (``{"esd": {"steps": 5}}``), for tests and
-    quick looks; a result made with overrides is reused only with the same ones. Returns ``{"results": {name: result}, "seconds": wall time,
-    "results_md": path, "report": path}``.
+    quick looks; a result made with overrides is reused only with the same ones. Returns
+    ``{"results": {name: result}, "seconds": wall time, "results_md": path, "report": path}``.
     """
     from conceptguard.reproduce.markdown import render_results
 
